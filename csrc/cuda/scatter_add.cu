@@ -1,0 +1,184 @@
+// CUDA kernels of scatter_add (out of place and in place) and _gather_patches.
+// One thread per element, threads ordered like memory so that neighbouring
+// threads touch neighbouring addresses in both NCHW and channels_last.
+//
+// SIMT kernels; validated against the reference only by the CUDA tests, which
+// run on a GPU machine (benchmarks/gpu_check.sh).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../activation.h"
+#include "patch_grid.cuh"
+
+namespace laudnet_ops {
+namespace {
+
+constexpr int kThreads = 256;
+
+inline int64_t blocks_for(int64_t n) {
+  const int64_t max_blocks = 65535LL * 8;  // grid-stride loops cover the rest
+  return std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks);
+}
+
+struct Coord {
+  int64_t n, c, y, x;
+};
+
+// Coordinates of element k of an (N, C, H, W) tensor stored in the given layout.
+template <bool kChannelsLast>
+__device__ inline Coord decode(int64_t k, int64_t C, int64_t H, int64_t W) {
+  Coord q;
+  if (kChannelsLast) {
+    q.c = k % C;
+    k /= C;
+    q.x = k % W;
+    k /= W;
+    q.y = k % H;
+    q.n = k / H;
+  } else {
+    q.x = k % W;
+    k /= W;
+    q.y = k % H;
+    k /= H;
+    q.c = k % C;
+    q.n = k / C;
+  }
+  return q;
+}
+
+template <bool kChannelsLast>
+__device__ inline int64_t offset(const Coord& q, int64_t C, int64_t H, int64_t W) {
+  return kChannelsLast ? ((q.n * H + q.y) * W + q.x) * C + q.c : ((q.n * C + q.c) * H + q.y) * W + q.x;
+}
+
+template <typename scalar_t, Activation A, bool kChannelsLast>
+__global__ void scatter_kernel(const scalar_t* __restrict__ res, const scalar_t* __restrict__ pk,
+                               scalar_t* __restrict__ out, const int32_t* __restrict__ grid,
+                               PatchGeometry g, int64_t total) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const Coord q = decode<kChannelsLast>(k, g.C, g.H, g.W);
+    const int32_t p = grid[(q.n * g.Hp + q.y / g.S) * g.Wp + q.x / g.S];
+    acc_t v = acc_t(res[k]);
+    if (p >= 0) {
+      const Coord in_patch{p, q.c, q.y % g.S, q.x % g.S};
+      v += acc_t(pk[offset<kChannelsLast>(in_patch, g.C, g.S, g.S)]);
+    }
+    out[k] = activate<A>(v);
+  }
+}
+
+// One thread per packed element; positions outside the map are skipped.
+template <typename scalar_t, Activation A, bool kChannelsLast>
+__global__ void scatter_inplace_kernel(scalar_t* __restrict__ res, const scalar_t* __restrict__ pk,
+                                       const int32_t* __restrict__ idx, PatchGeometry g, int64_t total) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const Coord e = decode<kChannelsLast>(k, g.C, g.S, g.S);  // (p, c, i, j)
+    const Coord q{idx[3 * e.n], e.c, idx[3 * e.n + 1] * g.S + e.y, idx[3 * e.n + 2] * g.S + e.x};
+    if (q.y >= g.H || q.x >= g.W) continue;
+    scalar_t& r = res[offset<kChannelsLast>(q, g.C, g.H, g.W)];
+    r = activate<A>(acc_t(r) + acc_t(pk[k]));
+  }
+}
+
+template <typename scalar_t, bool kChannelsLast>
+__global__ void gather_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                              const int32_t* __restrict__ idx, PatchGeometry g, int64_t total) {
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < total;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const Coord e = decode<kChannelsLast>(k, g.C, g.S, g.S);
+    const Coord q{idx[3 * e.n], e.c, idx[3 * e.n + 1] * g.S + e.y, idx[3 * e.n + 2] * g.S + e.x};
+    out[k] = (q.y < g.H && q.x < g.W) ? x[offset<kChannelsLast>(q, g.C, g.H, g.W)] : scalar_t(0);
+  }
+}
+
+at::Tensor scatter_add_cuda(const at::Tensor& residual, const at::Tensor& packed,
+                            const at::Tensor& indices, c10::string_view activation) {
+  const char* op = "scatter_add";
+  const PatchGeometry g = check_scatter_args(residual, packed, indices, op);
+  const Activation act = parse_activation(activation, op);
+  const c10::cuda::CUDAGuard guard(residual.device());
+  const at::MemoryFormat layout = feature_layout(residual);
+  const at::Tensor res = residual.contiguous(layout), pk = packed.contiguous(layout);
+  const at::Tensor grid = cuda::validate_rows(indices.contiguous(), g, /*want_grid=*/true, op);
+  at::Tensor out = at::empty(residual.sizes(), residual.options().memory_format(layout));
+  const int64_t total = out.numel();
+  if (total == 0) return out;
+  const bool nhwc = layout == at::MemoryFormat::ChannelsLast;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, res.scalar_type(), "scatter_add_cuda", [&] {
+    with_activation(act, [&](auto A) {
+      constexpr Activation kA = decltype(A)::value;
+      auto kernel = nhwc ? scatter_kernel<scalar_t, kA, true> : scatter_kernel<scalar_t, kA, false>;
+      kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          res.data_ptr<scalar_t>(), pk.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+          grid.data_ptr<int32_t>(), g, total);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+void scatter_add_inplace_cuda(const at::Tensor& residual, const at::Tensor& packed,
+                              const at::Tensor& indices, c10::string_view activation) {
+  const char* op = "scatter_add_";
+  const PatchGeometry g = check_scatter_args(residual, packed, indices, op);
+  const Activation act = parse_activation(activation, op);
+  const c10::cuda::CUDAGuard guard(residual.device());
+  const at::Tensor idx = indices.contiguous();
+  cuda::validate_rows(idx, g, /*want_grid=*/true, op);  // unique rows: no two threads write one element
+  if (g.P == 0 || residual.numel() == 0) return;
+  const at::MemoryFormat layout = feature_layout(residual);
+  at::Tensor work = residual.is_contiguous(layout) ? residual : residual.contiguous(layout);
+  const at::Tensor pk = packed.contiguous(layout);
+  const int64_t total = pk.numel();
+  const bool nhwc = layout == at::MemoryFormat::ChannelsLast;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work.scalar_type(), "scatter_add_cuda_", [&] {
+    with_activation(act, [&](auto A) {
+      constexpr Activation kA = decltype(A)::value;
+      auto kernel = nhwc ? scatter_inplace_kernel<scalar_t, kA, true> : scatter_inplace_kernel<scalar_t, kA, false>;
+      kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          work.data_ptr<scalar_t>(), pk.data_ptr<scalar_t>(), idx.data_ptr<int32_t>(), g, total);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  if (!work.is_same(residual)) residual.copy_(work);
+}
+
+at::Tensor gather_patches_cuda(const at::Tensor& x, const at::Tensor& indices, int64_t patch_size) {
+  const char* op = "_gather_patches";
+  const PatchGeometry g = check_gather_args(x, indices, patch_size, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor idx = indices.contiguous();
+  cuda::validate_rows(idx, g, /*want_grid=*/false, op);
+  const at::MemoryFormat layout = feature_layout(x);
+  const at::Tensor src = x.contiguous(layout);
+  at::Tensor out = at::empty({g.P, g.C, g.S, g.S}, x.options().memory_format(layout));
+  const int64_t total = out.numel();
+  if (total == 0) return out;
+  const bool nhwc = layout == at::MemoryFormat::ChannelsLast;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gather_patches_cuda", [&] {
+    auto kernel = nhwc ? gather_kernel<scalar_t, true> : gather_kernel<scalar_t, false>;
+    kernel<<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        src.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), idx.data_ptr<int32_t>(), g, total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(laudnet_ops, CUDA, m) {
+  m.impl("scatter_add", &scatter_add_cuda);
+  m.impl("scatter_add_", &scatter_add_inplace_cuda);
+  m.impl("_gather_patches", &gather_patches_cuda);
+}
+
+}  // namespace laudnet_ops

@@ -1,0 +1,26 @@
+"""laudnet_ops: latency-aware dynamic networks with kernels that skip real work.
+
+The ops live in ``torch.ops.laudnet_ops``; this package gives them typed
+wrappers, fake kernels (for ``torch.compile``) and autograd formulas.
+``laudnet_ops.reference`` defines every op in plain PyTorch.
+"""
+
+from . import reference
+from ._library import cuda_kernels_built, extension_error, require_extension
+
+__version__ = "0.1.0"
+
+_OPS = ("patch_indices", "scatter_add", "scatter_add_")
+
+if extension_error is None:
+    from .ops import patch_indices, scatter_add, scatter_add_  # noqa: F401
+
+
+def __getattr__(name):
+    # Reached only when an op was not imported above: explain why and how to fix it.
+    if name in _OPS or name == "ops":
+        require_extension()
+    raise AttributeError(f"module 'laudnet_ops' has no attribute {name!r}")
+
+
+__all__ = ["reference", "cuda_kernels_built", "require_extension", "__version__", *_OPS]

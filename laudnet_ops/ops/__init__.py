@@ -1,0 +1,10 @@
+"""Public functional ops. Importing this package loads the compiled extension."""
+
+from .._library import require_extension
+
+require_extension()
+
+from .patch_indices import patch_indices  # noqa: E402
+from .scatter_add import scatter_add, scatter_add_  # noqa: E402
+
+__all__ = ["patch_indices", "scatter_add", "scatter_add_"]

@@ -1,0 +1,68 @@
+"""Every laudnet_ops op in plain PyTorch: the executable contract.
+
+Each function states the op's exact semantics with dense, obviously correct
+PyTorch and is differentiable by PyTorch's own autograd. Kernels are tested
+against these; they are also a (slow) fallback that needs no compiled code.
+"""
+
+import math
+
+import torch
+
+ACTIVATIONS = ("relu", "none")
+
+
+def _activate(x: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f'activation must be "relu" or "none", got "{activation}"')
+    return torch.relu(x) if activation == "relu" else x
+
+
+def _check_indices(indices: torch.Tensor, grid: tuple) -> None:
+    if indices.dtype != torch.int32 or indices.dim() != 2 or indices.shape[1] != 3:
+        raise ValueError(f"indices must be int32 (P, 3), got {indices.dtype} {tuple(indices.shape)}")
+    upper = torch.tensor(grid, device=indices.device)
+    if ((indices < 0) | (indices >= upper)).any():
+        raise ValueError(f"indices has rows outside the patch grid (N, Hp, Wp) = {grid}")
+
+
+def _patch_view(canvas: torch.Tensor, S: int) -> torch.Tensor:
+    """(N, C, Hp*S, Wp*S) -> a view (N, Hp, Wp, C, S, S) of its patches."""
+    N, C, H, W = canvas.shape
+    return canvas.view(N, C, H // S, S, W // S, S).permute(0, 2, 4, 1, 3, 5)
+
+
+def patch_indices(mask: torch.Tensor) -> torch.Tensor:
+    """int32 ``(P, 3)``: the ``(n, py, px)`` of every True entry of bool ``mask`` ``(N, Hp, Wp)``."""
+    if mask.dtype != torch.bool or mask.dim() != 3:
+        raise ValueError(f"mask must be a bool (N, Hp, Wp) tensor, got {mask.dtype} {tuple(mask.shape)}")
+    return mask.nonzero().to(torch.int32)
+
+
+def gather_patches(x: torch.Tensor, indices: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``(P, C, S, S)``: ``out[p, :, i, j] = x[n, :, py*S+i, px*S+j]``, zero outside the map."""
+    N, C, H, W = x.shape
+    S = patch_size
+    Hp, Wp = math.ceil(H / S), math.ceil(W / S)
+    _check_indices(indices, (N, Hp, Wp))
+    canvas = torch.nn.functional.pad(x, (0, Wp * S - W, 0, Hp * S - H))
+    n, py, px = indices.long().unbind(1)
+    return _patch_view(canvas, S)[n, py, px]
+
+
+def scatter_add(
+    residual: torch.Tensor, packed: torch.Tensor, indices: torch.Tensor, activation: str = "relu"
+) -> torch.Tensor:
+    """``act(residual + patches)``: patch ``p = (n, py, px)`` of ``packed`` ``(P, C, S, S)`` lands at
+    rows ``py*S ...`` and columns ``px*S ...`` of sample ``n``; parts outside the map are dropped."""
+    N, C, H, W = residual.shape
+    S = packed.shape[2]
+    Hp, Wp = math.ceil(H / S), math.ceil(W / S)
+    _check_indices(indices, (N, Hp, Wp))
+    if torch.unique(indices, dim=0).shape[0] != indices.shape[0]:
+        raise ValueError("indices rows must be unique")
+    canvas = residual.new_zeros(N, C, Hp * S, Wp * S)
+    n, py, px = indices.long().unbind(1)
+    patches = _patch_view(canvas, S).index_put((n, py, px), packed)
+    canvas = patches.permute(0, 3, 1, 4, 2, 5).reshape(N, C, Hp * S, Wp * S)
+    return _activate(residual + canvas[:, :, :H, :W], activation)
