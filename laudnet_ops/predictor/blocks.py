@@ -126,15 +126,16 @@ def _dense_branch_macs(spec: BlockSpec) -> dict[str, float]:
     return macs
 
 
-def dilated_density(keep: float, patch: int) -> float:
-    """Fraction of conv1 output pixels the kept patches need once dilated by the 3x3 halo, for patches
-    kept independently with probability ``keep``: interior pixels of a skipped patch are never needed,
-    edge pixels when the neighbour across that edge is kept, corner pixels when any of 3 neighbours is."""
-    if patch <= 1:
-        return 1.0 - (1.0 - keep) ** 9
-    edge = 4 * (patch - 2) * keep
-    corner = 4 * (1.0 - (1.0 - keep) ** 3)
-    return keep + (1.0 - keep) * (edge + corner) / (patch * patch)
+def dilated_density(keep: float, size: int) -> float:
+    """Fraction of conv1 output pixels (an ``size`` x ``size`` map) that the kept output patches need once
+    the 3x3 halo is added.  Kept patches are assumed to form one compact region per image (objects are
+    contiguous; the authors compute it from real masks), so the halo adds a one-pixel ring around a square
+    of area ``keep``.  Independent random patches would dilate far more, and would make small S look
+    artificially cheap at a given FLOPs rate."""
+    if keep <= 0.0:
+        return 0.0
+    side = math.sqrt(keep) * size + 2.0
+    return min(1.0, (side / size) ** 2)
 
 
 def channel_masker_hidden(groups: int) -> int:
@@ -153,7 +154,7 @@ def executed_macs(spec: BlockSpec, mode: str, keep: float, granularity: int) -> 
     if mode == "spatial":
         patch = min(granularity, spec.ho)
         grid = math.ceil(spec.ho / patch) * math.ceil(spec.wo / patch)
-        return (macs["conv1"] * dilated_density(keep, patch)
+        return (macs["conv1"] * dilated_density(keep, spec.h)
                 + (macs["conv2"] + macs["conv3"] + macs["se"]) * keep + spec.cin * grid)
     if mode == "channel":
         groups = math.ceil(spec.width / granularity)
@@ -216,10 +217,12 @@ def _residual_kernels(spec: BlockSpec, n: int, dtype: str) -> list[Kernel]:
 
 def dense_kernels(spec: BlockSpec, n: int, dtype: str = "fp32", sched: Schedule = FUSED,
                   residual_epilogue: bool = True, prefix: str = "") -> list[Kernel]:
-    """The static block: conv1, conv2, [SE], conv3 (+ residual add and ReLU) and the projection."""
+    """The static block: conv1, conv2, [SE], conv3 (+ residual add and ReLU) and, when
+    ``residual_epilogue``, the projection; without it (the layer-skip branch) just the residual branch."""
     ho, wo = spec.ho, spec.wo
     fe = sched.fuse_epilogue
-    kernels = [ops.conv2d(f"{prefix}conv1", n, spec.cin, spec.width, spec.h, spec.w, 1, 1, dtype=dtype)]
+    kernels = _residual_kernels(spec, n, dtype) if residual_epilogue else []
+    kernels += [ops.conv2d(f"{prefix}conv1", n, spec.cin, spec.width, spec.h, spec.w, 1, 1, dtype=dtype)]
     if not fe:
         kernels.append(_relu(f"{prefix}relu1", (n, spec.width, spec.h, spec.w), dtype))
     kernels.append(ops.conv2d(f"{prefix}conv2", n, spec.width, spec.width, spec.h, spec.w, 3, spec.stride,
@@ -325,12 +328,15 @@ def channel_kernels(spec: BlockSpec, n: int, group_size: int, keep: float, dtype
         if kept_c == 0:
             return kernels + _zero_branch_tail(spec, n, dtype, fe)
         kernels.append(ops.channel_gated_conv2d("conv1", n, spec.cin, kept_c, spec.h, spec.w, 1, 1, 1, g,
-                                                in_gated=False, out_gated=True, dtype=dtype, layout=sched.layout))
+                                                in_gated=False, out_gated=True,
+                                                full_weight_elems=spec.width * spec.cin, dtype=dtype,
+                                                layout=sched.layout))
         if not fe:
             kernels.append(_relu("relu1", (n, kept_c, spec.h, spec.w), dtype))
         kernels.append(ops.channel_gated_conv2d("conv2", n, kept_c, kept_c, spec.h, spec.w, 3, spec.stride,
-                                                conv_groups, g, in_gated=True, out_gated=True, dtype=dtype,
-                                                layout=sched.layout))
+                                                conv_groups, g, in_gated=True, out_gated=True,
+                                                full_weight_elems=spec.width * spec.width / conv_groups * 9,
+                                                dtype=dtype, layout=sched.layout))
     if not fe:
         kernels.append(_relu("relu2", (n, kept_c, ho, wo), dtype))
     if spec.se:
@@ -341,7 +347,8 @@ def channel_kernels(spec: BlockSpec, n: int, group_size: int, keep: float, dtype
         kernels.append(ops.conv2d("conv3", n, kept_c, spec.cout, ho, wo, 1, 1, dtype=dtype, epilogue_inputs=epi))
     else:
         kernels.append(ops.channel_gated_conv2d("conv3", n, kept_c, spec.cout, ho, wo, 1, 1, 1, g,
-                                                in_gated=True, out_gated=False, dtype=dtype,
+                                                in_gated=True, out_gated=False,
+                                                full_weight_elems=spec.cout * spec.width, dtype=dtype,
                                                 layout=sched.layout, epilogue_inputs=epi))
     if not fe:
         kernels += [ops.elementwise("add", (n, spec.cout, ho, wo), 2, 1, dtype),
@@ -418,11 +425,35 @@ def predict_block(spec: BlockSpec, device: Device, mode: str, rate: float, granu
     rate = check_rate(rate)
     keep = rate if rate_kind == "keep" else keep_for_rate(spec, mode, rate, granularity)
     dense_costs = [price(k, device) for k in dense_kernels(spec, batch, dtype, schedule)]
-    costs = (dense_costs if mode == "dense" else
-             [price(k, device) for k in block_kernels(spec, mode, batch, keep, granularity, dtype, schedule)])
+    if mode == "dense":
+        costs, dynamic = dense_costs, sum(c.latency for c in dense_costs)
+    else:
+        # Decisions come in whole units (patches, channel groups, samples).  A fractional expected count
+        # (e.g. half a sample at batch 1) is priced as the mix of the two neighbouring whole counts, which
+        # is the expected latency when the count varies from input to input.
+        units = decision_units(spec, mode, batch, granularity)
+        exact = keep * units
+        lo, hi = math.floor(exact), math.ceil(exact)
+        costs = [price(k, device) for k in block_kernels(spec, mode, batch, hi / units, granularity, dtype,
+                                                          schedule)]
+        dynamic = sum(c.latency for c in costs)
+        if hi != lo:
+            low = sum(price(k, device).latency for k in block_kernels(spec, mode, batch, lo / units, granularity,
+                                                                       dtype, schedule))
+            dynamic = low + (exact - lo) * (dynamic - low)
     return BlockLatency(block=spec.name, mode=mode, granularity=granularity if mode in ("spatial", "channel") else 1,
                         rate=rate, keep=keep, dense=sum(c.latency for c in dense_costs),
-                        dynamic=sum(c.latency for c in costs), kernels=costs, dense_kernels=dense_costs)
+                        dynamic=dynamic, kernels=costs, dense_kernels=dense_costs)
+
+
+def decision_units(spec: BlockSpec, mode: str, batch: int, granularity: int) -> int:
+    """How many keep/skip decisions a block makes for a batch: patches, channel groups or samples."""
+    if mode == "spatial":
+        s = min(granularity, spec.ho)
+        return batch * math.ceil(spec.ho / s) * math.ceil(spec.wo / s)
+    if mode == "channel":
+        return math.ceil(spec.width / granularity)
+    return batch
 
 
 def with_schedule(schedule: Schedule, **changes: Any) -> Schedule:

@@ -148,8 +148,8 @@ def scatter_add(patches: int, c: int, patch: int, dtype: str = "fp32", layout: s
 
 def channel_gated_conv2d(name: str, n: int, cin_kept: int, cout_kept: int, h: int, w: int, k: int,
                          stride: int, groups: int, group_size: int, in_gated: bool, out_gated: bool,
-                         dtype: str = "fp32", layout: str = "nchw", shared_gates: bool = False,
-                         epilogue_inputs: int = 0) -> Kernel:
+                         full_weight_elems: float, dtype: str = "fp32", layout: str = "nchw",
+                         shared_gates: bool = False, epilogue_inputs: int = 0) -> Kernel:
     """Channel-gated conv: per sample, only the kept groups of G input / output channels are computed.
     The weights of the kept channels are gathered inside the kernel (runs of G x k x k elements when the
     input channels are gated); with per-sample gates every sample needs its own weight slice, so weights
@@ -157,7 +157,6 @@ def channel_gated_conv2d(name: str, n: int, cin_kept: int, cout_kept: int, h: in
     _check_layout(layout)
     b = DTYPE_BYTES[dtype]
     ho, wo = conv_out(h, k, stride), conv_out(w, k, stride)
-    weight_copies = 1 if shared_gates else n
     w_row = cin_kept / groups * k * k
     seg_w = group_size * k * k if in_gated else w_row
     if layout == "nchw":
@@ -170,7 +169,9 @@ def channel_gated_conv2d(name: str, n: int, cin_kept: int, cout_kept: int, h: in
     return Kernel(
         name=name, out=(n, max(cout_kept, 1), ho, wo), macs=w_row, dtype_bytes=b, dtype=dtype, gemm=True,
         cin=max(cin_kept, 1), groups=groups, kh=k, kw=k, stride=stride, weight_per_sample=not shared_gates,
-        in_bytes=n * cin_kept * h * w * b, w_bytes=weight_copies * cout_kept * w_row * b, out_bytes=out_bytes,
+        # DRAM sees each weight once (samples keep different channels, so their union is ~the whole
+        # weight); the per-sample re-reads happen on chip (``weight_per_sample`` in the tile model)
+        in_bytes=n * cin_kept * h * w * b, w_bytes=full_weight_elems * b, out_bytes=out_bytes,
         other_bytes=epilogue_inputs * out_bytes, seg_in=seg_in * b, seg_w=seg_w * b, seg_out=seg_out * b,
         epilogue_inputs=epilogue_inputs,
     )
