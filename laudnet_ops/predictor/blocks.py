@@ -256,10 +256,11 @@ def spatial_kernels(spec: BlockSpec, n: int, patch: int, keep: float, dtype: str
         kernels += [ops.pool("masker-pool", n, spec.cin, spec.h, spec.w, window, window, dtype),
                     ops.conv2d("masker-conv", n, spec.cin, 1, hp, wp, 1, 1, dtype=dtype),
                     ops.conv2d("conv1", n, spec.cin, spec.width, spec.h, spec.w, 1, 1, dtype=dtype)]
-    if not fe:
-        kernels += [_relu("relu1", (n, spec.width + int(sched.fuse_masker), spec.h, spec.w), dtype),
-                    ops.pool("masker-logit-pool", n, 1, ho, wo, s, s, dtype),
-                    ops.elementwise("masker-threshold", (n, 1, hp, wp), 1, 1, dtype)]
+    if not fe:  # eager: activation, (the fused conv's logits pooled to the grid,) threshold
+        kernels.append(_relu("relu1", (n, spec.width + int(sched.fuse_masker), spec.h, spec.w), dtype))
+        if sched.fuse_masker:
+            kernels.append(ops.pool("masker-logit-pool", n, 1, ho, wo, s, s, dtype))
+        kernels.append(ops.elementwise("masker-threshold", (n, 1, hp, wp), 1, 1, dtype))
     kernels.append(ops.patch_indices(n, hp, wp, kept))
     kernels += _residual_kernels(spec, n, dtype)
     if kept == 0:
