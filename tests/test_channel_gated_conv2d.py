@@ -108,11 +108,17 @@ def test_empty_inputs(device):
     assert y.shape == (2, 0, 3, 3)
 
 
+GRAD_CASES = [
+    # shape, activation, layout
+    ((2, 4, 4, 4, 3, 3, 2, dict(padding=1)), "relu", "contiguous"),
+    ((2, 4, 4, 4, 3, 3, 2, dict(padding=1)), "none", "channels_last"),
+    ((1, 4, 8, 5, 5, 1, 2, dict(stride=2)), "relu", "channels_last"),
+    ((2, 8, 4, 4, 4, 3, 2, dict(stride=2, padding=1, groups=2)), "none", "contiguous"),
+]
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(2, 4, 4, 5, 4, 3, 2, dict(padding=1)), (2, 4, 8, 5, 5, 1, 2, dict(stride=2)),
-                                   (2, 8, 4, 5, 5, 3, 2, dict(padding=1, groups=2))])
-@pytest.mark.parametrize("activation", ["relu", "none"])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape, activation, layout", GRAD_CASES, ids=[str(i) for i in range(len(GRAD_CASES))])
 def test_gradcheck(device, shape, activation, layout):
     N, Cin, Cout, H, W, K, G, conv = shape
     x, w, b, gin, gout = make_case(N, Cin, Cout, H, W, K, G, 0.5, 0.5, groups=conv.get("groups", 1),

@@ -10,8 +10,16 @@
 //
 // Two layouts, each with its own packing order so every copy runs over
 // contiguous memory: NCHW packs (channel, ky, kx) rows of pixels, channels_last
-// packs pixels of (ky, kx, channel) runs. The GEMMs are ATen mm calls on views
-// of the thread-local buffers (single-threaded inside the parallel region).
+// packs pixels of (ky, kx, channel) runs. The GEMMs are ATen mm calls (MKL) on
+// views of the thread-local buffers.
+//
+// Each thread's GEMMs must run single-threaded: PyTorch turns MKL's dynamic
+// threading off, so an MKL call inside an OpenMP region would open a nested
+// team per call and oversubscribe the cores (measured 10-20x slower on 2
+// threads). mkl_set_num_threads_local(1) pins this thread's MKL calls to one
+// thread for the duration of the chunk. Independent per-thread GEMMs on
+// (sample, tile) items beat one multi-threaded GEMM at a time with parallel
+// packing in between, which needs several synchronisations per tile.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -25,12 +33,45 @@
 #include "../activation.h"
 #include "../channel_geometry.h"
 
+// MKL's Fortran-convention setter (argument by pointer), exported by
+// libtorch_cpu when torch is built with MKL. Weak, so a torch without it still
+// loads this library; then the guard does nothing.
+extern "C" int mkl_set_num_threads_local_(const int* nt) __attribute__((weak));
+
 namespace laudnet_ops {
 namespace {
 
-// Packed-buffer budget per tile, in elements: the im2col tile of the dense
-// group width stays around 512 KiB of float32, inside a core's L2.
-constexpr int64_t kColBudget = 131072;
+// Inside a parallel region, keeps the MKL calls of the current thread
+// single-threaded while alive (0 restores the global setting, which is what a
+// fresh thread has). Outside one -- a single chunk run inline, as for one
+// large sample -- MKL keeps all its threads.
+class SequentialBlasGuard {
+ public:
+  SequentialBlasGuard() : active_(mkl_set_num_threads_local_ != nullptr && at::in_parallel_region()) {
+    if (active_) {
+      const int one = 1;
+      previous_ = mkl_set_num_threads_local_(&one);
+    }
+  }
+  ~SequentialBlasGuard() {
+    if (active_) mkl_set_num_threads_local_(&previous_);
+  }
+  SequentialBlasGuard(const SequentialBlasGuard&) = delete;
+  SequentialBlasGuard& operator=(const SequentialBlasGuard&) = delete;
+
+ private:
+  bool active_;
+  int previous_ = 0;
+};
+
+// Packed-buffer budget per tile, in elements of the dense group width (1 MiB
+// of float32, half of it at half the input channels on, about a core's L2):
+// a 1x1 conv over a 28x28 map is one GEMM per sample, a 3x3 conv of 256
+// channels 7 tiles of 112 pixels.
+constexpr int64_t kColBudget = 262144;
+
+// Below about this many (dense) FLOPs a chunk of work is not worth a thread.
+constexpr int64_t kMinParallelFlops = 1 << 22;
 
 struct Run {
   int64_t start, len;  // channels [start, start + len) relative to their convolution group
@@ -104,8 +145,16 @@ class ChannelConv {
 
   int64_t items() const { return g_.N * ntiles_; }
 
+  // Items per parallel chunk: small convolutions run on one thread, where waking
+  // the others would cost more than the work.
+  int64_t grain() const {
+    const int64_t flops = std::max<int64_t>(1, 2 * T_ * g_.cout_g() * g_.cin_g() * KK_ * g_.groups);
+    return std::max<int64_t>(1, kMinParallelFlops / flops);
+  }
+
   template <Activation A>
   void run(int64_t begin, int64_t end) const {
+    const SequentialBlasGuard sequential_blas;
     Workspace<scalar_t> ws;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / ntiles_, t0 = (item % ntiles_) * T_;
@@ -389,7 +438,7 @@ at::Tensor channel_gated_conv2d_cpu(const at::Tensor& x, const at::Tensor& weigh
   const at::Tensor gout = out_gates.has_value() ? out_gates->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "channel_gated_conv2d_cpu", [&] {
     const auto launch = [&](auto conv) {
-      at::parallel_for(0, conv.items(), 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, conv.items(), conv.grain(), [&](int64_t begin, int64_t end) {
         with_activation(act, [&](auto A) { conv.template run<decltype(A)::value>(begin, end); });
       });
     };
