@@ -41,13 +41,11 @@ extern "C" int mkl_set_num_threads_local_(const int* nt) __attribute__((weak));
 namespace laudnet_ops {
 namespace {
 
-// Inside a parallel region, keeps the MKL calls of the current thread
-// single-threaded while alive (0 restores the global setting, which is what a
-// fresh thread has). Outside one -- a single chunk run inline, as for one
-// large sample -- MKL keeps all its threads.
+// When active, keeps the MKL calls of the current thread single-threaded while
+// alive (0 restores the global setting, which is what a fresh thread has).
 class SequentialBlasGuard {
  public:
-  SequentialBlasGuard() : active_(mkl_set_num_threads_local_ != nullptr && at::in_parallel_region()) {
+  explicit SequentialBlasGuard(bool active) : active_(active && mkl_set_num_threads_local_ != nullptr) {
     if (active_) {
       const int one = 1;
       previous_ = mkl_set_num_threads_local_(&one);
@@ -153,8 +151,9 @@ class ChannelConv {
   }
 
   template <Activation A>
-  void run(int64_t begin, int64_t end) const {
-    const SequentialBlasGuard sequential_blas;
+  // sequential_blas: the items are split over threads, so each GEMM must stay on its thread.
+  void run(int64_t begin, int64_t end, bool sequential_blas) const {
+    const SequentialBlasGuard guard(sequential_blas);
     Workspace<scalar_t> ws;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / ntiles_, t0 = (item % ntiles_) * T_;
@@ -438,8 +437,14 @@ at::Tensor channel_gated_conv2d_cpu(const at::Tensor& x, const at::Tensor& weigh
   const at::Tensor gout = out_gates.has_value() ? out_gates->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "channel_gated_conv2d_cpu", [&] {
     const auto launch = [&](auto conv) {
+      // One chunk of work (a small call, or one thread): run it here and let MKL use its threads.
+      const bool split = at::get_num_threads() > 1 && conv.items() > conv.grain();
+      if (!split) {
+        with_activation(act, [&](auto A) { conv.template run<decltype(A)::value>(0, conv.items(), false); });
+        return;
+      }
       at::parallel_for(0, conv.items(), conv.grain(), [&](int64_t begin, int64_t end) {
-        with_activation(act, [&](auto A) { conv.template run<decltype(A)::value>(begin, end); });
+        with_activation(act, [&](auto A) { conv.template run<decltype(A)::value>(begin, end, true); });
       });
     };
     const auto args = std::make_tuple(g, src.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
