@@ -7,4 +7,8 @@ require_extension()
 from .patch_indices import patch_indices  # noqa: E402
 from .scatter_add import scatter_add, scatter_add_  # noqa: E402
 
+from .gather_conv2d import gather_conv2d  # noqa: E402
+from .masker_conv1x1 import masker_conv1x1  # noqa: E402
+
 __all__ = ["patch_indices", "scatter_add", "scatter_add_"]
+__all__ += ["gather_conv2d", "masker_conv1x1"]
