@@ -204,7 +204,7 @@ def _with(**changes):
 
 ERROR_CASES = [
     ("x rank", _with(x=lambda a: a["x"][0]), "x must be a 4-D tensor, got 3-D"),
-    ("integer x", _with(x=lambda a: a["x"].long()), "x must be a floating-point tensor, got Long"),
+    ("integer x", _with(x=lambda a: a["x"].long()), "x must be a floating-point tensor, got (Long|torch.int64)"),
     ("weight rank", _with(weight=lambda a: a["weight"][..., 0]), "weight must be a 4-D tensor, got 3-D"),
     ("weight dtype", _with(weight=lambda a: a["weight"].double()), "x and weight must have the same dtype"),
     ("weight not 1x1", _with(weight=lambda a: a["weight"].expand(6, 4, 3, 3)),
