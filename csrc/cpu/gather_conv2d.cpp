@@ -12,13 +12,14 @@
 // matter for S = 1 and 2, whose single tiles are 1 and 4 rows: too small for
 // a GEMM call to pay off.
 //
-// Two orientations keep the gather's inner loop on contiguous memory:
-//  - channels_last (the fast path): one row per output position holding, per
-//    tap, Cin contiguous input channels; the GEMM writes straight into the
-//    packed output, whose (P * S * S, Cout) rows are exactly the GEMM's rows.
-//  - contiguous: one column per output position (rows = c, kh, kw, the
-//    weight's own order, so the weight needs no copy); the inner loop runs
-//    along an input row; the epilogue transposes each tile into (Cout, S, S).
+// The gather reads x in channels_last, so that each kernel tap of a position
+// is one contiguous copy of Cin channels. With channels_last packed (the fast
+// path) the GEMM writes straight into the output, whose (P * S * S, Cout) rows
+// are exactly the GEMM's rows. A contiguous x is first copied to channels_last
+// -- one pass over the map, as oneDNN's dense convolution reorders its input
+// too -- and the epilogue transposes each tile into packed's (Cout, S, S);
+// gathering from NCHW directly would read one element per channel plane and
+// tap, several times slower than that copy.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -27,6 +28,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "../activation.h"
 #include "../spatial_conv.h"
@@ -38,7 +40,7 @@ namespace {
 // Output positions per GEMM. The gathered block (rows x k*k*Cin, 590 KB for
 // 128 rows of a 3x3x128 conv in float) stays in a 1-2 MB L2 while the GEMM
 // reads it.
-constexpr int64_t kChunkRows = 128;
+constexpr int64_t kChunkRows = 256;
 
 struct Chunking {
   int64_t patches_per_chunk, chunks, max_rows;
@@ -46,7 +48,8 @@ struct Chunking {
 
 Chunking make_chunking(const GatherConvGeometry& g) {
   Chunking c;
-  c.patches_per_chunk = std::max<int64_t>(1, kChunkRows / (g.S * g.S));
+  const char* tune = std::getenv("LAUDNET_TUNE_ROWS");  // TEMPORARY tuning knob
+  c.patches_per_chunk = std::max<int64_t>(1, (tune ? std::atoll(tune) : kChunkRows) / (g.S * g.S));
   c.chunks = ceil_div(g.P, c.patches_per_chunk);
   c.max_rows = c.patches_per_chunk * g.S * g.S;
   return c;
@@ -117,6 +120,26 @@ void epilogue_nhwc(scalar_t* out, const scalar_t* bias, const int32_t* idx, int6
   }
 }
 
+// packed[p, co, i, j] = act(C[row, co] + bias[co]) for packed in NCHW, zero outside the map.
+template <typename scalar_t, Activation A>
+void epilogue_nchw(const scalar_t* C, scalar_t* out, const scalar_t* bias, const int32_t* idx, int64_t p0,
+                   int64_t p1, const GatherConvGeometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t S = g.S, SS = S * S, Cout = g.Cout;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t oy0 = idx[3 * p + 1] * S, ox0 = idx[3 * p + 2] * S;
+    const scalar_t* tile = C + (p - p0) * SS * Cout;
+    for (int64_t co = 0; co < Cout; ++co) {
+      scalar_t* dst = out + (p * Cout + co) * SS;
+      const acc_t b = bias != nullptr ? acc_t(bias[co]) : acc_t(0);
+      for (int64_t pos = 0; pos < SS; ++pos) {
+        const bool inside = oy0 + pos / S < g.Ho && ox0 + pos % S < g.Wo;
+        dst[pos] = inside ? scalar_t(activate<A>(acc_t(tile[pos * Cout + co]) + b)) : scalar_t(0);
+      }
+    }
+  }
+}
+
 template <typename scalar_t, Activation A>
 void gather_conv_nhwc(const at::Tensor& x, const at::Tensor& idx_t, const at::Tensor& weight,
                       const scalar_t* bias, const GatherConvGeometry& g, at::Tensor& packed) {
@@ -125,102 +148,28 @@ void gather_conv_nhwc(const at::Tensor& x, const at::Tensor& idx_t, const at::Te
   const at::Tensor wt = weight.view({g.groups, g.Cog, g.Cg, K, K}).permute({0, 3, 4, 2, 1}).contiguous()
                             .view({g.groups, KKCg, g.Cog});
   // channels_last (P, Cout, S, S) is (P*S*S, Cout) row-major: the GEMM writes into it directly.
-  at::Tensor out2d = packed.permute({0, 2, 3, 1}).view({g.P * SS, g.Cout});
+  const bool direct = packed.is_contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor out2d = direct ? packed.permute({0, 2, 3, 1}).view({g.P * SS, g.Cout}) : at::Tensor();
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const int32_t* idx = idx_t.data_ptr<int32_t>();
   const Chunking ch = make_chunking(g);
   at::parallel_for(0, ch.chunks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buf = at::empty({ch.max_rows, row_len}, x.options());
+    at::Tensor scratch = direct ? at::Tensor() : at::empty({ch.max_rows, g.Cout}, x.options());
     for (int64_t c = begin; c < end; ++c) {
       const int64_t p0 = c * ch.patches_per_chunk, p1 = std::min(g.P, p0 + ch.patches_per_chunk);
       const int64_t rows = (p1 - p0) * SS;
       gather_rows_nhwc(xp, idx, p0, p1, g, buf.data_ptr<scalar_t>());
       const at::Tensor a = buf.narrow(0, 0, rows);
-      at::Tensor out = out2d.narrow(0, p0 * SS, rows);
+      at::Tensor out = direct ? out2d.narrow(0, p0 * SS, rows) : scratch.narrow(0, 0, rows);
       for (int64_t grp = 0; grp < g.groups; ++grp) {
         at::Tensor out_g = g.groups == 1 ? out : out.narrow(1, grp * g.Cog, g.Cog);
         at::mm_out(out_g, g.groups == 1 ? a : a.narrow(1, grp * KKCg, KKCg), wt[grp]);
       }
-      epilogue_nhwc<scalar_t, A>(out2d.data_ptr<scalar_t>(), bias, idx, p0, p1, g);
-    }
-  });
-}
-
-// ---------------------------------------------------------------- contiguous
-
-// AT[(c, kh, kw), col] = x[n, c, iy, ix] for output position col of patches [p0, p1); ld = ld_cols.
-template <typename scalar_t>
-void gather_cols_nchw(const scalar_t* x, const int32_t* idx, int64_t p0, int64_t p1,
-                      const GatherConvGeometry& g, scalar_t* AT, int64_t ld_cols) {
-  const int64_t S = g.S, K = g.K;
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t n = idx[3 * p], oy0 = idx[3 * p + 1] * S, ox0 = idx[3 * p + 2] * S;
-    const int64_t col0 = (p - p0) * S * S;
-    for (int64_t c = 0; c < g.Cin; ++c) {
-      const scalar_t* plane = x + (n * g.Cin + c) * g.H * g.W;
-      for (int64_t kh = 0; kh < K; ++kh) {
-        for (int64_t kw = 0; kw < K; ++kw) {
-          scalar_t* dst = AT + ((c * K + kh) * K + kw) * ld_cols + col0;
-          for (int64_t i = 0; i < S; ++i) {
-            const int64_t oy = oy0 + i, iy = input_coord(oy, kh, g);
-            const bool row_inside = oy < g.Ho && iy >= 0 && iy < g.H;
-            for (int64_t j = 0; j < S; ++j) {
-              const int64_t ox = ox0 + j, ix = input_coord(ox, kw, g);
-              dst[i * S + j] =
-                  (row_inside && ox < g.Wo && ix >= 0 && ix < g.W) ? plane[iy * g.W + ix] : scalar_t(0);
-            }
-          }
-        }
-      }
-    }
-  }
-}
-
-// packed[p, co, i, j] = act(CT[co, col] + bias[co]), zero outside the map.
-template <typename scalar_t, Activation A>
-void epilogue_nchw(const scalar_t* CT, int64_t ld_cols, scalar_t* out, const scalar_t* bias,
-                   const int32_t* idx, int64_t p0, int64_t p1, const GatherConvGeometry& g) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t S = g.S, SS = S * S;
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t oy0 = idx[3 * p + 1] * S, ox0 = idx[3 * p + 2] * S;
-    for (int64_t co = 0; co < g.Cout; ++co) {
-      const scalar_t* src = CT + co * ld_cols + (p - p0) * SS;
-      scalar_t* dst = out + (p * g.Cout + co) * SS;
-      const acc_t b = bias != nullptr ? acc_t(bias[co]) : acc_t(0);
-      for (int64_t i = 0; i < S; ++i) {
-        const bool row_inside = oy0 + i < g.Ho;
-        for (int64_t j = 0; j < S; ++j) {
-          dst[i * S + j] = (row_inside && ox0 + j < g.Wo) ? scalar_t(activate<A>(acc_t(src[i * S + j]) + b)) : scalar_t(0);
-        }
-      }
-    }
-  }
-}
-
-template <typename scalar_t, Activation A>
-void gather_conv_nchw(const at::Tensor& x, const at::Tensor& idx_t, const at::Tensor& weight,
-                      const scalar_t* bias, const GatherConvGeometry& g, at::Tensor& packed) {
-  const int64_t CgKK = g.Cg * g.K * g.K, SS = g.S * g.S;
-  const at::Tensor wn = weight.contiguous().view({g.groups, g.Cog, CgKK});
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  const int32_t* idx = idx_t.data_ptr<int32_t>();
-  scalar_t* out = packed.data_ptr<scalar_t>();
-  const Chunking ch = make_chunking(g);
-  at::parallel_for(0, ch.chunks, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor at_buf = at::empty({g.groups * CgKK, ch.max_rows}, x.options());
-    at::Tensor ct_buf = at::empty({g.Cout, ch.max_rows}, x.options());
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t p0 = c * ch.patches_per_chunk, p1 = std::min(g.P, p0 + ch.patches_per_chunk);
-      const int64_t cols = (p1 - p0) * SS;
-      gather_cols_nchw(xp, idx, p0, p1, g, at_buf.data_ptr<scalar_t>(), ch.max_rows);
-      const at::Tensor b = at_buf.narrow(1, 0, cols);
-      const at::Tensor ct = ct_buf.narrow(1, 0, cols);
-      for (int64_t grp = 0; grp < g.groups; ++grp) {
-        at::Tensor ct_g = g.groups == 1 ? ct : ct.narrow(0, grp * g.Cog, g.Cog);
-        at::mm_out(ct_g, wn[grp], g.groups == 1 ? b : b.narrow(0, grp * CgKK, CgKK));
-      }
-      epilogue_nchw<scalar_t, A>(ct_buf.data_ptr<scalar_t>(), ch.max_rows, out, bias, idx, p0, p1, g);
+      if (direct)
+        epilogue_nhwc<scalar_t, A>(out2d.data_ptr<scalar_t>(), bias, idx, p0, p1, g);
+      else
+        epilogue_nchw<scalar_t, A>(scratch.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), bias, idx, p0, p1, g);
     }
   });
 }
@@ -235,17 +184,14 @@ at::Tensor gather_conv2d_cpu(const at::Tensor& x, const at::Tensor& indices, con
   const at::Tensor idx = indices.contiguous();
   cpu::check_rows_in_range(idx, g.output_patches(), op);
   const at::MemoryFormat layout = feature_layout(x);
-  const at::Tensor src = x.contiguous(layout);
+  const at::Tensor src = x.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor packed = at::empty({g.P, g.Cout, g.S, g.S}, x.options().memory_format(layout));
   if (packed.numel() == 0) return packed;
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gather_conv2d_cpu", [&] {
     const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
     with_activation(act, [&](auto A) {
-      if (layout == at::MemoryFormat::ChannelsLast)
-        gather_conv_nhwc<scalar_t, decltype(A)::value>(src, idx, weight, bp, g, packed);
-      else
-        gather_conv_nchw<scalar_t, decltype(A)::value>(src, idx, weight, bp, g, packed);
+      gather_conv_nhwc<scalar_t, decltype(A)::value>(src, idx, weight, bp, g, packed);
     });
   });
   return packed;
