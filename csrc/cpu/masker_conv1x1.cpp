@@ -26,7 +26,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <tuple>
 #include <vector>
 
@@ -45,9 +44,7 @@ struct BandChunking {
 };
 
 BandChunking make_band_chunking(const MaskerGeometry& g, int64_t elem_size) {
-  const char* tune = std::getenv("LAUDNET_TUNE_BYTES");  // TEMPORARY tuning knob
-  const int64_t chunk_bytes = tune ? std::atoll(tune) : kChunkBytes;
-  const int64_t pixels_wanted = std::max<int64_t>(64, chunk_bytes / (elem_size * std::max<int64_t>(1, g.Cin)));
+  const int64_t pixels_wanted = std::max<int64_t>(64, kChunkBytes / (elem_size * std::max<int64_t>(1, g.Cin)));
   BandChunking c;
   c.bands_per_chunk = std::max<int64_t>(1, pixels_wanted / std::max<int64_t>(1, g.window * g.W));
   c.chunks_per_sample = ceil_div(g.Hq, c.bands_per_chunk);
@@ -67,6 +64,13 @@ Chunk chunk_at(int64_t t, const BandChunking& bc, const MaskerGeometry& g) {
   c.h0 = c.qy0 * g.window;
   c.h1 = std::min(g.H, c.qy1 * g.window);
   return c;
+}
+
+// qx of every input column, so the per-pixel pooling loop does no division.
+std::vector<int64_t> column_cells(const MaskerGeometry& g) {
+  std::vector<int64_t> cells(g.W);
+  for (int64_t w = 0; w < g.W; ++w) cells[w] = w / g.window;
+  return cells;
 }
 
 // Writes logits[n, m, qy, qx] = sums / area + mask_bias for the chunk's mask rows.
@@ -118,6 +122,7 @@ void masker_nhwc(const MaskerTensors& t, const MaskerGeometry& g) {
   scalar_t* logits = t.logits.data_ptr<scalar_t>();
   const int64_t st[4] = {t.logits.stride(0), t.logits.stride(1), t.logits.stride(2), t.logits.stride(3)};
   const int64_t max_pixels = bc.bands_per_chunk * g.window * g.W;
+  const std::vector<int64_t> qx_of = column_cells(g);
   at::parallel_for(0, g.N * bc.chunks_per_sample, 1, [&](int64_t begin, int64_t end) {
     at::Tensor mbuf = at::empty({max_pixels, g.M}, t.x.options());
     std::vector<acc_t> sums;
@@ -129,15 +134,16 @@ void masker_nhwc(const MaskerTensors& t, const MaskerGeometry& g) {
       at::mm_out(yc, xc, wt);
       scalar_t* yp = yc.data_ptr<scalar_t>();
       for (int64_t r = 0; r < pixels; ++r) bias_act<scalar_t, A>(yp + r * g.Cout, g.Cout, bias, 1);
-      if (std::getenv("LAUDNET_TUNE_SKIP")) continue;
       at::Tensor mc = mbuf.narrow(0, 0, pixels);
       at::mm_out(mc, xc, wmt);
       const scalar_t* mp = mc.data_ptr<scalar_t>();
       sums.assign((c.qy1 - c.qy0) * g.Wq * g.M, acc_t(0));
-      for (int64_t r = 0; r < pixels; ++r) {
-        const int64_t h = c.h0 + r / g.W, w = r % g.W;
-        acc_t* cell = sums.data() + ((h / g.window - c.qy0) * g.Wq + w / g.window) * g.M;
-        for (int64_t m = 0; m < g.M; ++m) cell[m] += acc_t(mp[r * g.M + m]);
+      for (int64_t h = c.h0; h < c.h1; ++h) {
+        acc_t* cell_row = sums.data() + (h / g.window - c.qy0) * g.Wq * g.M;
+        const scalar_t* m_row = mp + (h - c.h0) * g.W * g.M;
+        for (int64_t w = 0; w < g.W; ++w) {
+          for (int64_t m = 0; m < g.M; ++m) cell_row[qx_of[w] * g.M + m] += acc_t(m_row[w * g.M + m]);
+        }
       }
       write_logits(sums, c, mask_bias, g, logits, st);
     }
@@ -158,6 +164,7 @@ void masker_nchw(const MaskerTensors& t, const MaskerGeometry& g) {
   scalar_t* logits = t.logits.data_ptr<scalar_t>();
   const int64_t st[4] = {t.logits.stride(0), t.logits.stride(1), t.logits.stride(2), t.logits.stride(3)};
   const int64_t max_pixels = bc.bands_per_chunk * g.window * g.W;
+  const std::vector<int64_t> qx_of = column_cells(g);
   at::parallel_for(0, g.N * bc.chunks_per_sample, 1, [&](int64_t begin, int64_t end) {
     at::Tensor mbuf = at::empty({g.M, max_pixels}, t.x.options());
     std::vector<acc_t> sums;
@@ -175,10 +182,10 @@ void masker_nchw(const MaskerTensors& t, const MaskerGeometry& g) {
       const scalar_t* mp = mc.data_ptr<scalar_t>();
       sums.assign((c.qy1 - c.qy0) * g.Wq * g.M, acc_t(0));
       for (int64_t m = 0; m < g.M; ++m) {
-        const scalar_t* mrow = mp + m * max_pixels;
-        for (int64_t r = 0; r < pixels; ++r) {
-          const int64_t h = c.h0 + r / g.W, w = r % g.W;
-          sums[((h / g.window - c.qy0) * g.Wq + w / g.window) * g.M + m] += acc_t(mrow[r]);
+        for (int64_t h = c.h0; h < c.h1; ++h) {
+          acc_t* cell_row = sums.data() + (h / g.window - c.qy0) * g.Wq * g.M + m;
+          const scalar_t* m_row = mp + m * max_pixels + (h - c.h0) * g.W;
+          for (int64_t w = 0; w < g.W; ++w) cell_row[qx_of[w] * g.M] += acc_t(m_row[w]);
         }
       }
       write_logits(sums, c, mask_bias, g, logits, st);
