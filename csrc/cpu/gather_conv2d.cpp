@@ -24,7 +24,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -32,6 +31,7 @@
 #include "../activation.h"
 #include "../spatial_conv.h"
 #include "patch_grid.h"
+#include "row_gemm.h"
 
 namespace laudnet_ops {
 namespace {
@@ -148,28 +148,30 @@ void gather_conv_nhwc(const at::Tensor& x, const at::Tensor& idx_t, const at::Te
                             .view({g.groups, KKCg, g.Cog});
   // channels_last (P, Cout, S, S) is (P*S*S, Cout) row-major: the GEMM writes into it directly.
   const bool direct = packed.is_contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor out2d = direct ? packed.permute({0, 2, 3, 1}).view({g.P * SS, g.Cout}) : at::Tensor();
   const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* wp = wt.data_ptr<scalar_t>();
   const int32_t* idx = idx_t.data_ptr<int32_t>();
+  scalar_t* out_p = packed.data_ptr<scalar_t>();
   const Chunking ch = make_chunking(g);
   at::parallel_for(0, ch.chunks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buf = at::empty({ch.max_rows, row_len}, x.options());
     at::Tensor scratch = direct ? at::Tensor() : at::empty({ch.max_rows, g.Cout}, x.options());
+    scalar_t* a = buf.data_ptr<scalar_t>();
     for (int64_t c = begin; c < end; ++c) {
       const int64_t p0 = c * ch.patches_per_chunk, p1 = std::min(g.P, p0 + ch.patches_per_chunk);
       const int64_t rows = (p1 - p0) * SS;
-      gather_rows_nhwc(xp, idx, p0, p1, g, buf.data_ptr<scalar_t>());
-      const at::Tensor a = buf.narrow(0, 0, rows);
-      at::Tensor out = direct ? out2d.narrow(0, p0 * SS, rows) : scratch.narrow(0, 0, rows);
+      gather_rows_nhwc(xp, idx, p0, p1, g, a);
+      scalar_t* out = direct ? out_p + p0 * SS * g.Cout : scratch.data_ptr<scalar_t>();
       for (int64_t grp = 0; grp < g.groups; ++grp) {
-        at::Tensor out_g = g.groups == 1 ? out : out.narrow(1, grp * g.Cog, g.Cog);
-        at::mm_out(out_g, g.groups == 1 ? a : a.narrow(1, grp * KKCg, KKCg), wt[grp]);
+        cpu::gemm_rowmajor(rows, g.Cog, KKCg, a + grp * KKCg, row_len, wp + grp * KKCg * g.Cog, g.Cog,
+                           out + grp * g.Cog, g.Cout);
       }
       if (direct)
-        epilogue_nhwc<scalar_t, A>(out2d.data_ptr<scalar_t>(), bias, idx, p0, p1, g);
+        epilogue_nhwc<scalar_t, A>(out_p, bias, idx, p0, p1, g);
       else
-        epilogue_nchw<scalar_t, A>(scratch.data_ptr<scalar_t>(), packed.data_ptr<scalar_t>(), bias, idx, p0, p1, g);
+        epilogue_nchw<scalar_t, A>(out, out_p, bias, idx, p0, p1, g);
     }
+    cpu::gemm_release<scalar_t>();
   });
 }
 

@@ -5,7 +5,7 @@
 // window = S * stride rows that a row of mask cells averages), so each task
 // owns whole rows of logits and needs no atomics or per-thread partial maps.
 // For a chunk of consecutive bands of one sample:
-//   1. one GEMM y_chunk = x_chunk . W (into y itself), then bias + activation
+//   1. one GEMM y_chunk = x_chunk . W (into y itself; see row_gemm.h), then bias + activation
 //      in place while the chunk is in cache;
 //   2. one thin GEMM m_chunk = x_chunk . Wm (M columns) on the same x_chunk,
 //      which is still in L2 -- x is read from memory once;
@@ -31,6 +31,7 @@
 
 #include "../activation.h"
 #include "../spatial_conv.h"
+#include "row_gemm.h"
 
 namespace laudnet_ops {
 namespace {
@@ -115,7 +116,7 @@ void masker_nhwc(const MaskerTensors& t, const MaskerGeometry& g) {
   const BandChunking bc = make_band_chunking(g, sizeof(scalar_t));
   const at::Tensor x2d = t.x.permute({0, 2, 3, 1}).reshape({g.N * g.H * g.W, g.Cin});
   at::Tensor y2d = t.y.permute({0, 2, 3, 1}).view({g.N * g.H * g.W, g.Cout});
-  const at::Tensor wt = t.weight.view({g.Cout, g.Cin}).t();
+  const at::Tensor wt = t.weight.view({g.Cout, g.Cin}).t().contiguous();  // (Cin, Cout) row-major
   const at::Tensor wmt = t.mask_weight.view({g.M, g.Cin}).t();
   const auto* bias = static_cast<const scalar_t*>(t.bias);
   const auto* mask_bias = static_cast<const scalar_t*>(t.mask_bias);
@@ -130,9 +131,9 @@ void masker_nhwc(const MaskerTensors& t, const MaskerGeometry& g) {
       const Chunk c = chunk_at(k, bc, g);
       const int64_t row0 = (c.n * g.H + c.h0) * g.W, pixels = (c.h1 - c.h0) * g.W;
       const at::Tensor xc = x2d.narrow(0, row0, pixels);
-      at::Tensor yc = y2d.narrow(0, row0, pixels);
-      at::mm_out(yc, xc, wt);
-      scalar_t* yp = yc.data_ptr<scalar_t>();
+      scalar_t* yp = y2d.data_ptr<scalar_t>() + row0 * g.Cout;
+      cpu::gemm_rowmajor(pixels, g.Cout, g.Cin, xc.data_ptr<scalar_t>(), g.Cin, wt.data_ptr<scalar_t>(), g.Cout,
+                         yp, g.Cout);
       for (int64_t r = 0; r < pixels; ++r) bias_act<scalar_t, A>(yp + r * g.Cout, g.Cout, bias, 1);
       at::Tensor mc = mbuf.narrow(0, 0, pixels);
       at::mm_out(mc, xc, wmt);
@@ -147,6 +148,7 @@ void masker_nhwc(const MaskerTensors& t, const MaskerGeometry& g) {
       }
       write_logits(sums, c, mask_bias, g, logits, st);
     }
+    cpu::gemm_release<scalar_t>();
   });
 }
 
@@ -172,9 +174,8 @@ void masker_nchw(const MaskerTensors& t, const MaskerGeometry& g) {
       const Chunk c = chunk_at(k, bc, g);
       const int64_t col0 = c.h0 * g.W, pixels = (c.h1 - c.h0) * g.W;
       const at::Tensor xc = x3d[c.n].narrow(1, col0, pixels);
-      at::Tensor yc = y3d[c.n].narrow(1, col0, pixels);
-      at::mm_out(yc, w2d, xc);
-      scalar_t* yp = yc.data_ptr<scalar_t>();
+      scalar_t* yp = y3d.data_ptr<scalar_t>() + c.n * g.Cout * HW + col0;
+      cpu::gemm_rowmajor(g.Cout, pixels, g.Cin, w2d.data_ptr<scalar_t>(), g.Cin, xc.data_ptr<scalar_t>(), HW, yp, HW);
       for (int64_t co = 0; co < g.Cout; ++co)
         bias_act<scalar_t, A>(yp + co * HW, pixels, bias == nullptr ? nullptr : bias + co, 0);
       at::Tensor mc = mbuf.narrow(1, 0, pixels);
@@ -190,6 +191,7 @@ void masker_nchw(const MaskerTensors& t, const MaskerGeometry& g) {
       }
       write_logits(sums, c, mask_bias, g, logits, st);
     }
+    cpu::gemm_release<scalar_t>();
   });
 }
 
