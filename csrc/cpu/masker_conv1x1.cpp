@@ -22,7 +22,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -117,7 +116,7 @@ void masker_nhwc(const MaskerTensors& t, const MaskerGeometry& g) {
   const at::Tensor x2d = t.x.permute({0, 2, 3, 1}).reshape({g.N * g.H * g.W, g.Cin});
   at::Tensor y2d = t.y.permute({0, 2, 3, 1}).view({g.N * g.H * g.W, g.Cout});
   const at::Tensor wt = t.weight.view({g.Cout, g.Cin}).t().contiguous();  // (Cin, Cout) row-major
-  const at::Tensor wmt = t.mask_weight.view({g.M, g.Cin}).t();
+  const at::Tensor wmt = t.mask_weight.view({g.M, g.Cin}).t().contiguous();  // (Cin, M) row-major
   const auto* bias = static_cast<const scalar_t*>(t.bias);
   const auto* mask_bias = static_cast<const scalar_t*>(t.mask_bias);
   scalar_t* logits = t.logits.data_ptr<scalar_t>();
@@ -135,9 +134,8 @@ void masker_nhwc(const MaskerTensors& t, const MaskerGeometry& g) {
       cpu::gemm_rowmajor(pixels, g.Cout, g.Cin, xc.data_ptr<scalar_t>(), g.Cin, wt.data_ptr<scalar_t>(), g.Cout,
                          yp, g.Cout);
       for (int64_t r = 0; r < pixels; ++r) bias_act<scalar_t, A>(yp + r * g.Cout, g.Cout, bias, 1);
-      at::Tensor mc = mbuf.narrow(0, 0, pixels);
-      at::mm_out(mc, xc, wmt);
-      const scalar_t* mp = mc.data_ptr<scalar_t>();
+      scalar_t* mp = mbuf.data_ptr<scalar_t>();
+      cpu::gemm_rowmajor(pixels, g.M, g.Cin, xc.data_ptr<scalar_t>(), g.Cin, wmt.data_ptr<scalar_t>(), g.M, mp, g.M);
       sums.assign((c.qy1 - c.qy0) * g.Wq * g.M, acc_t(0));
       for (int64_t h = c.h0; h < c.h1; ++h) {
         acc_t* cell_row = sums.data() + (h / g.window - c.qy0) * g.Wq * g.M;
@@ -178,9 +176,9 @@ void masker_nchw(const MaskerTensors& t, const MaskerGeometry& g) {
       cpu::gemm_rowmajor(g.Cout, pixels, g.Cin, w2d.data_ptr<scalar_t>(), g.Cin, xc.data_ptr<scalar_t>(), HW, yp, HW);
       for (int64_t co = 0; co < g.Cout; ++co)
         bias_act<scalar_t, A>(yp + co * HW, pixels, bias == nullptr ? nullptr : bias + co, 0);
-      at::Tensor mc = mbuf.narrow(1, 0, pixels);
-      at::mm_out(mc, wm2d, xc);
-      const scalar_t* mp = mc.data_ptr<scalar_t>();
+      scalar_t* mp = mbuf.data_ptr<scalar_t>();
+      cpu::gemm_rowmajor(g.M, pixels, g.Cin, wm2d.data_ptr<scalar_t>(), g.Cin, xc.data_ptr<scalar_t>(), HW, mp,
+                         max_pixels);
       sums.assign((c.qy1 - c.qy0) * g.Wq * g.M, acc_t(0));
       for (int64_t m = 0; m < g.M; ++m) {
         for (int64_t h = c.h0; h < c.h1; ++h) {
