@@ -7,11 +7,13 @@
 // For a chunk of consecutive bands of one sample:
 //   1. one GEMM y_chunk = x_chunk . W (into y itself; see row_gemm.h), then bias + activation
 //      in place while the chunk is in cache;
-//   2. one thin GEMM m_chunk = x_chunk . Wm (M columns) on the same x_chunk,
-//      which is still in L2 -- x is read from memory once;
-//   3. the M masker values of each pixel are summed into their mask cell and
-//      divided by the cell's clipped area; the mask bias is added once per
-//      cell (the mean of w.x + b is w.mean(x) + b).
+//   2. the masker on the same x_chunk, still in L2 -- x is read from memory
+//      once. Contiguous: a thin GEMM m_chunk = Wm . x_chunk (M rows), whose
+//      values are summed into their mask cells. Channels_last: x's pixels are
+//      summed into their cells first, then M dot products per cell (pooling
+//      and the 1x1 convolution commute).
+//   3. each cell's sum is divided by its clipped area and the mask bias added
+//      once (the mean of w.x + b is w.mean(x) + b).
 // Two GEMMs on one cached chunk rather than one GEMM with [W; Wm] appended:
 // that would need a (pixels x Cout + M) scratch and a copy of the Cout
 // columns into y, where here the big GEMM writes y directly.
@@ -116,16 +118,14 @@ void masker_nhwc(const MaskerTensors& t, const MaskerGeometry& g) {
   const at::Tensor x2d = t.x.permute({0, 2, 3, 1}).reshape({g.N * g.H * g.W, g.Cin});
   at::Tensor y2d = t.y.permute({0, 2, 3, 1}).view({g.N * g.H * g.W, g.Cout});
   const at::Tensor wt = t.weight.view({g.Cout, g.Cin}).t().contiguous();  // (Cin, Cout) row-major
-  const at::Tensor wmt = t.mask_weight.view({g.M, g.Cin}).t().contiguous();  // (Cin, M) row-major
+  const scalar_t* wm = t.mask_weight.data_ptr<scalar_t>();  // (M, Cin) contiguous
   const auto* bias = static_cast<const scalar_t*>(t.bias);
   const auto* mask_bias = static_cast<const scalar_t*>(t.mask_bias);
   scalar_t* logits = t.logits.data_ptr<scalar_t>();
   const int64_t st[4] = {t.logits.stride(0), t.logits.stride(1), t.logits.stride(2), t.logits.stride(3)};
-  const int64_t max_pixels = bc.bands_per_chunk * g.window * g.W;
   const std::vector<int64_t> qx_of = column_cells(g);
   at::parallel_for(0, g.N * bc.chunks_per_sample, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor mbuf = at::empty({max_pixels, g.M}, t.x.options());
-    std::vector<acc_t> sums;
+    std::vector<acc_t> pooled, sums;
     for (int64_t k = begin; k < end; ++k) {
       const Chunk c = chunk_at(k, bc, g);
       const int64_t row0 = (c.n * g.H + c.h0) * g.W, pixels = (c.h1 - c.h0) * g.W;
@@ -134,14 +134,29 @@ void masker_nhwc(const MaskerTensors& t, const MaskerGeometry& g) {
       cpu::gemm_rowmajor(pixels, g.Cout, g.Cin, xc.data_ptr<scalar_t>(), g.Cin, wt.data_ptr<scalar_t>(), g.Cout,
                          yp, g.Cout);
       for (int64_t r = 0; r < pixels; ++r) bias_act<scalar_t, A>(yp + r * g.Cout, g.Cout, bias, 1);
-      scalar_t* mp = mbuf.data_ptr<scalar_t>();
-      cpu::gemm_rowmajor(pixels, g.M, g.Cin, xc.data_ptr<scalar_t>(), g.Cin, wmt.data_ptr<scalar_t>(), g.M, mp, g.M);
-      sums.assign((c.qy1 - c.qy0) * g.Wq * g.M, acc_t(0));
+      // Pool first, then the masker's dot products (they commute): per pixel a
+      // vectorised add of its Cin channels into its cell, while the chunk is in
+      // cache. A GEMM with M (1 or 2) output columns would run at a fraction of
+      // the micro-kernel's speed in this orientation.
+      const int64_t cells = (c.qy1 - c.qy0) * g.Wq;
+      pooled.assign(cells * g.Cin, acc_t(0));
+      const scalar_t* xp = xc.data_ptr<scalar_t>();
       for (int64_t h = c.h0; h < c.h1; ++h) {
-        acc_t* cell_row = sums.data() + (h / g.window - c.qy0) * g.Wq * g.M;
-        const scalar_t* m_row = mp + (h - c.h0) * g.W * g.M;
+        acc_t* cell_row = pooled.data() + (h / g.window - c.qy0) * g.Wq * g.Cin;
         for (int64_t w = 0; w < g.W; ++w) {
-          for (int64_t m = 0; m < g.M; ++m) cell_row[qx_of[w] * g.M + m] += acc_t(m_row[w * g.M + m]);
+          acc_t* cell = cell_row + qx_of[w] * g.Cin;
+          const scalar_t* px = xp + ((h - c.h0) * g.W + w) * g.Cin;
+          for (int64_t ci = 0; ci < g.Cin; ++ci) cell[ci] += acc_t(px[ci]);
+        }
+      }
+      sums.assign(cells * g.M, acc_t(0));
+      for (int64_t cell = 0; cell < cells; ++cell) {
+        for (int64_t m = 0; m < g.M; ++m) {
+          const scalar_t* wrow = wm + m * g.Cin;
+          const acc_t* prow = pooled.data() + cell * g.Cin;
+          acc_t acc = 0;
+          for (int64_t ci = 0; ci < g.Cin; ++ci) acc += prow[ci] * acc_t(wrow[ci]);
+          sums[cell * g.M + m] = acc;
         }
       }
       write_logits(sums, c, mask_bias, g, logits, st);
