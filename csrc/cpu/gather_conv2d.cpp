@@ -36,10 +36,10 @@
 namespace laudnet_ops {
 namespace {
 
-// Output positions per GEMM. MKL's sgemm for a (rows x 1152) . (1152 x 128)
-// product (a 3x3x128 conv) ran at 95, 99, 93 and 86 GFLOP/s on one core of
-// this project's CI machine (AVX-512) for 128, 256, 512 and 1024 rows; 256
-// rows keep the gathered block (1.2 MB in float) about L2-sized.
+// Output positions per chunk: several 64-row micro-kernel blocks per weight
+// panel, while the gathered block (256 x k*k*Cin: 1.2 MB for a 3x3x128 conv
+// in float) stays about L2-sized. (With MKL's sgemm, 128 / 256 / 512 / 1024
+// rows of that product ran at 95 / 99 / 93 / 86 GFLOP/s on one core here.)
 constexpr int64_t kChunkRows = 256;
 
 struct Chunking {
@@ -185,9 +185,9 @@ at::Tensor gather_conv2d_cpu(const at::Tensor& x, const at::Tensor& indices, con
   const at::Tensor idx = indices.contiguous();
   cpu::check_rows_in_range(idx, g.output_patches(), op);
   const at::MemoryFormat layout = feature_layout(x);
-  const at::Tensor src = x.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor packed = at::empty({g.P, g.Cout, g.S, g.S}, x.options().memory_format(layout));
   if (packed.numel() == 0) return packed;
+  const at::Tensor src = x.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gather_conv2d_cpu", [&] {
     const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;

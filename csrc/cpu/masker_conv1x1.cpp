@@ -5,8 +5,8 @@
 // window = S * stride rows that a row of mask cells averages), so each task
 // owns whole rows of logits and needs no atomics or per-thread partial maps.
 // For a chunk of consecutive bands of one sample:
-//   1. one GEMM y_chunk = x_chunk . W (into y itself; see row_gemm.h), then bias + activation
-//      in place while the chunk is in cache;
+//   1. one GEMM y_chunk = x_chunk . W, written into y itself (row_gemm.h),
+//      then bias + activation in place while the chunk is in cache;
 //   2. the masker on the same x_chunk, still in L2 -- x is read from memory
 //      once. Contiguous: a thin GEMM m_chunk = Wm . x_chunk (M rows), whose
 //      values are summed into their mask cells. Channels_last: x's pixels are
@@ -14,9 +14,9 @@
 //      and the 1x1 convolution commute).
 //   3. each cell's sum is divided by its clipped area and the mask bias added
 //      once (the mean of w.x + b is w.mean(x) + b).
-// Two GEMMs on one cached chunk rather than one GEMM with [W; Wm] appended:
-// that would need a (pixels x Cout + M) scratch and a copy of the Cout
-// columns into y, where here the big GEMM writes y directly.
+// Rather than one GEMM with [W; Wm] appended: that would need a
+// (pixels x Cout + M) scratch and a copy of the Cout columns into y, where
+// here the big GEMM writes y directly and the masker costs ~1/Cout of it.
 //
 // Channels_last (the fast path): a chunk is a contiguous run of pixel rows
 // (pixels x Cin). Contiguous: a chunk is a column range of x[n] (Cin x H*W).
@@ -38,7 +38,7 @@ namespace laudnet_ops {
 namespace {
 
 // Bytes of x per chunk: small enough that the chunk is still in a 1 MB L2
-// when the masker GEMM reads it again, large enough for an efficient GEMM.
+// when the masker reads it again, large enough for an efficient GEMM.
 constexpr int64_t kChunkBytes = 512 * 1024;
 
 struct BandChunking {
