@@ -14,9 +14,18 @@
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <type_traits>
+
+// The float32 micro-kernel entry point (with its is_vnni argument) is not in the
+// oldest torch releases this project supports; those take the at::mm path.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+#define LAUDNET_OPS_HAVE_BRGEMM 1
+#else
+#define LAUDNET_OPS_HAVE_BRGEMM 0
+#endif
 
 namespace laudnet_ops {
 namespace cpu {
@@ -28,6 +37,7 @@ template <typename scalar_t>
 void gemm_rowmajor(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t ld_a, const scalar_t* B,
                    int64_t ld_b, scalar_t* C, int64_t ld_c) {
   if (M == 0 || N == 0) return;
+#if LAUDNET_OPS_HAVE_BRGEMM
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (K > 0) {
       for (int64_t m0 = 0; m0 < M; m0 += kGemmBlockM) {
@@ -40,6 +50,7 @@ void gemm_rowmajor(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t l
       return;
     }
   }
+#endif
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
   const at::Tensor a = at::from_blob(const_cast<scalar_t*>(A), {M, K}, {ld_a, 1}, opts);
   const at::Tensor b = at::from_blob(const_cast<scalar_t*>(B), {K, N}, {ld_b, 1}, opts);
@@ -50,7 +61,9 @@ void gemm_rowmajor(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t l
 // Releases the micro-kernel's per-thread hardware state; call at the end of a task.
 template <typename scalar_t>
 void gemm_release() {
+#if LAUDNET_OPS_HAVE_BRGEMM
   if constexpr (std::is_same_v<scalar_t, float>) at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+#endif
 }
 
 }  // namespace cpu
