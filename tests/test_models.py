@@ -15,8 +15,8 @@ from laudnet_ops.models import (
 from laudnet_ops.nn import set_execution, set_force_keep, sparsity_loss, stats
 from laudnet_ops.nn.blocks import DynamicBlock
 
-from laudnet_ops.nn._ops import has_op
-from test_nn_blocks import MODE_OPS, needs_sparse_ops, randomize_bn
+from laudnet_ops.nn.blocks import missing_sparse_ops
+from test_nn_blocks import needs_sparse_ops, randomize_bn
 
 MODES = ["dense", "spatial", "channel", "layer"]
 FACTORIES = {
@@ -162,7 +162,7 @@ def test_sparsity_loss_pulls_to_the_target():
 def test_torch_compile_of_a_model_in_eval_runs():
     # Eval runs the sparse path where its ops are built, the masked path otherwise.
     model = LaudResNet((1, 1, 1, 1), mode="spatial", granularity=2, num_classes=10).eval()
-    if not all(has_op(name) for name in MODE_OPS["spatial"]):
+    if missing_sparse_ops("spatial"):
         set_execution(model, "masked")
     x = _input(size=32)
     with torch.no_grad():
