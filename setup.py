@@ -57,7 +57,9 @@ def _flag(name):
 def _resolve_cuda():
     forced = _flag("LAUDNET_OPS_CUDA")
     torch_cuda = torch.version.cuda is not None
-    nvcc_found = CUDA_HOME is not None and os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    # torch's CUDA_HOME is None in CPU-only builds; look for the toolkit ourselves to tell why.
+    toolkit = CUDA_HOME or os.environ.get("CUDA_HOME") or _nvcc_root()
+    nvcc_found = toolkit is not None and os.path.isfile(os.path.join(toolkit, "bin", "nvcc"))
     if forced is False:
         return False, "off (LAUDNET_OPS_CUDA=0)"
     if torch_cuda and nvcc_found:

@@ -11,9 +11,11 @@ from ._library import cuda_kernels_built, extension_error, require_extension
 __version__ = "0.1.0"
 
 _OPS = ("patch_indices", "scatter_add", "scatter_add_")
+_OPS += ("channel_gated_conv2d", "sample_gather", "sample_scatter_add", "sample_scatter_add_")
 
 if extension_error is None:
     from .ops import patch_indices, scatter_add, scatter_add_  # noqa: F401
+    from .ops import channel_gated_conv2d, sample_gather, sample_scatter_add, sample_scatter_add_  # noqa: F401
 
 
 def __getattr__(name):

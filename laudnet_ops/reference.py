@@ -66,3 +66,59 @@ def scatter_add(
     patches = _patch_view(canvas, S).index_put((n, py, px), packed)
     canvas = patches.permute(0, 3, 1, 4, 2, 5).reshape(N, C, Hp * S, Wp * S)
     return _activate(residual + canvas[:, :, :H, :W], activation)
+
+
+def _gate_mask(gates: torch.Tensor, group_size: int) -> torch.Tensor:
+    """bool ``(N, C / G)`` gates -> bool ``(N, C, 1, 1)``: each gate repeated over its ``G`` channels."""
+    return gates.repeat_interleave(group_size, dim=1)[:, :, None, None]
+
+
+def channel_gated_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias,
+    in_gates,
+    out_gates,
+    group_size: int,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    activation: str = "relu",
+) -> torch.Tensor:
+    """``act(conv2d(x * in_mask, weight, bias, ...))`` where the output channel's group is on, else 0.
+
+    ``in_gates`` bool ``(N, Cin / G)``, ``out_gates`` bool ``(N, Cout / G)`` (None: all on); the masks
+    repeat each gate over its ``G = group_size`` consecutive channels."""
+    for gates, C in ((in_gates, x.shape[1]), (out_gates, weight.shape[0])):
+        if C % group_size:
+            raise ValueError(f"channels ({C}) must be divisible by group_size ({group_size})")
+        if gates is not None and (gates.dtype != torch.bool or tuple(gates.shape) != (x.shape[0], C // group_size)):
+            raise ValueError(f"gates must be bool (N, C / G) = {(x.shape[0], C // group_size)}, got {tuple(gates.shape)}")
+    if in_gates is not None:
+        x = torch.where(_gate_mask(in_gates, group_size), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    y = _activate(torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups), activation)
+    if out_gates is not None:
+        y = torch.where(_gate_mask(out_gates, group_size), y, torch.zeros((), dtype=y.dtype, device=y.device))
+    return y
+
+
+def sample_gather(x: torch.Tensor, gates: torch.Tensor):
+    """``(x[sel], sel)``: ``sel`` int32, the increasing indices of the True entries of bool ``gates`` ``(N,)``."""
+    if gates.dtype != torch.bool or tuple(gates.shape) != (x.shape[0],):
+        raise ValueError(f"gates must be bool (N,) = ({x.shape[0]},), got {gates.dtype} {tuple(gates.shape)}")
+    sel = gates.nonzero().flatten().to(torch.int32)
+    return x[sel.long()], sel
+
+
+def sample_scatter_add(
+    residual: torch.Tensor, y: torch.Tensor, sel: torch.Tensor, activation: str = "relu"
+) -> torch.Tensor:
+    """``out = act(residual)`` with ``out[sel] = act(residual[sel] + y)``; ``sel`` unique, in range."""
+    if sel.dtype != torch.int32 or sel.dim() != 1 or y.shape[0] != sel.shape[0]:
+        raise ValueError(f"sel must be int32 (K,) with K = y.shape[0], got {sel.dtype} {tuple(sel.shape)}")
+    if ((sel < 0) | (sel >= residual.shape[0])).any():
+        raise ValueError(f"sel has entries outside [0, {residual.shape[0]})")
+    if torch.unique(sel).shape[0] != sel.shape[0]:
+        raise ValueError("sel entries must be unique")
+    return _activate(residual.index_add(0, sel.long(), y), activation)

@@ -14,6 +14,7 @@ FLOPs included (the quantity the sparsity loss targets).  It is turned into each
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -255,10 +256,11 @@ def spatial_kernels(spec: BlockSpec, n: int, patch: int, keep: float, dtype: str
         kernels += [ops.pool("masker-pool", n, spec.cin, spec.h, spec.w, window, window, dtype),
                     ops.conv2d("masker-conv", n, spec.cin, 1, hp, wp, 1, 1, dtype=dtype),
                     ops.conv2d("conv1", n, spec.cin, spec.width, spec.h, spec.w, 1, 1, dtype=dtype)]
-    if not fe:
-        kernels += [_relu("relu1", (n, spec.width + int(sched.fuse_masker), spec.h, spec.w), dtype),
-                    ops.pool("masker-logit-pool", n, 1, ho, wo, s, s, dtype),
-                    ops.elementwise("masker-threshold", (n, 1, hp, wp), 1, 1, dtype)]
+    if not fe:  # eager: activation, (the fused conv's logits pooled to the grid,) threshold
+        kernels.append(_relu("relu1", (n, spec.width + int(sched.fuse_masker), spec.h, spec.w), dtype))
+        if sched.fuse_masker:
+            kernels.append(ops.pool("masker-logit-pool", n, 1, ho, wo, s, s, dtype))
+        kernels.append(ops.elementwise("masker-threshold", (n, 1, hp, wp), 1, 1, dtype))
     kernels.append(ops.patch_indices(n, hp, wp, kept))
     kernels += _residual_kernels(spec, n, dtype)
     if kept == 0:
@@ -269,6 +271,10 @@ def spatial_kernels(spec: BlockSpec, n: int, patch: int, keep: float, dtype: str
                                          (spec.h, spec.w), n, dtype, sched.layout))
     else:
         kernels.append(ops.elementwise("pad", (n, spec.width, spec.h + 2, spec.w + 2), 1, 1, dtype))
+        # the gather's row list: patch origin arithmetic, expanded by the window offsets
+        kernels.append(dataclasses.replace(
+            ops.elementwise("gather-index", (kept, 1, window, window), 1, 1, "fp32", elem_bytes=ops.INDEX_BYTES),
+            launches=3))  # origin = (indices * strides).sum(1), then + window offsets
         if nhwc:  # pixel rows of all channels
             kernels.append(ops.gather_rows("gather", kept * window * window, spec.width, spec.width, dtype))
         else:  # window rows of each channel
@@ -284,6 +290,9 @@ def spatial_kernels(spec: BlockSpec, n: int, patch: int, keep: float, dtype: str
         kernels.append(ops.scatter_add(kept, spec.cout, s, dtype, sched.layout))
     else:
         rows, row, seg = ((kept * s * s, spec.cout, spec.cout) if nhwc else (kept * spec.cout * s, s, s))
+        kernels.append(dataclasses.replace(
+            ops.elementwise("scatter-index", (kept, 1, s, s), 1, 1, "fp32", elem_bytes=ops.INDEX_BYTES),
+            launches=3))
         kernels.append(ops.gather_rows("residual-gather", rows, row, seg, dtype))
         kernels.append(ops.elementwise("add", (kept, spec.cout, s, s), 2, 1, dtype))
         if not fe:

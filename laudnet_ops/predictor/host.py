@@ -17,8 +17,9 @@ from .devices import KB, MB, Device, Efficiency
 #: Estimated per-core streaming bandwidth (GB/s) used until the host is calibrated.
 _BW_PER_CORE_GBS = 10.0
 #: PyTorch eager CPU ops spend a few microseconds in dispatch before any work; calibrate measures it.
-_HOST_EFF = Efficiency(compute=0.5, matrix=0.5, simple=0.2, memory=1.0, onchip=2.0,
-                       segment_bytes=64.0, launch_us=5.0, sync_us=0.0, overlap=0.5)
+_HOST_EFF = Efficiency(compute=0.5, matrix=0.5, simple=0.2, index=0.05, scatter=0.05, memory=1.0, onchip=2.0,
+                       segment_bytes=64.0, launch_us=5.0, sync_us=0.0, overlap=0.5, row_block=4.0,
+                       output_ops=8.0)
 
 
 def _cpuinfo() -> dict[str, str]:

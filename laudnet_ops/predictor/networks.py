@@ -7,13 +7,12 @@ dense.  Granularity is one value per stage (S for spatial, G for channel).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from . import operators as ops
-from ._util import DTYPE_BYTES, check_rate, choice_error, normalize_dtype, per_stage
-from .blocks import FUSED, MODES, RATE_KINDS, BlockLatency, BlockSpec, Schedule, predict_block
+from ._util import check_rate, choice_error, normalize_dtype, per_stage
+from .blocks import FUSED, MODES, RATE_KINDS, BlockLatency, BlockSpec, Schedule, dense_kernels, predict_block
 from .devices import Device, get_device
 from .tiles import Kernel, KernelCost, price
 
@@ -180,23 +179,6 @@ def network_flops(model: str, resolution: int = 224) -> float:
     ResNet-50 ~4.1 GMACs, ResNet-101 ~7.8, RegNetY-400MF ~0.4, RegNetY-800MF ~0.8)."""
     spec = get_model(model, resolution)
     kernels = spec.stem(1, "fp32") + spec.head(1, "fp32")
-    from .blocks import dense_kernels  # noqa: WPS433 - local to keep the import graph flat
-
     for b in spec.blocks:
         kernels += dense_kernels(b, 1, "fp32")
     return sum(k.flops for k in kernels if k.gemm)
-
-
-def activation_bytes(model: str, batch: int, dtype: str = "fp32", resolution: int = 224) -> float:
-    """Bytes of all block outputs of one forward pass (for memory-bound intuition in docs/tests)."""
-    spec = get_model(model, resolution)
-    b = DTYPE_BYTES[normalize_dtype(dtype)]
-    return float(sum(batch * s.cout * s.ho * s.wo * b for s in spec.blocks))
-
-
-def stage_count(model: str) -> int:
-    return get_model(model).stages
-
-
-def ceil_div(a: int, b: int) -> int:
-    return math.ceil(a / b)

@@ -83,7 +83,7 @@ def gather_rows(name: str, rows: int, row_elems: int, segment_elems: int, dtype:
     b = DTYPE_BYTES[dtype]
     return Kernel(name=name, out=(rows, 1, 1, row_elems), macs=1, dtype_bytes=b, dtype=dtype,
                   in_bytes=rows * row_elems * b, out_bytes=rows * row_elems * b,
-                  other_bytes=rows * INDEX_BYTES, seg_in=segment_elems * b)
+                  other_bytes=rows * INDEX_BYTES, seg_in=segment_elems * b, indexed="gather")
 
 
 def scatter_rows(name: str, rows: int, row_elems: int, segment_elems: int, dtype: str = "fp32",
@@ -95,7 +95,7 @@ def scatter_rows(name: str, rows: int, row_elems: int, segment_elems: int, dtype
     return Kernel(name=name, out=(rows, 1, 1, row_elems), macs=1 + int(accumulate) + int(activation),
                   dtype_bytes=b, dtype=dtype, n_inputs=1, in_bytes=numel * b,
                   out_bytes=numel * b * (2 if accumulate else 1), other_bytes=rows * INDEX_BYTES,
-                  seg_out=segment_elems * b, epilogue_inputs=int(accumulate))
+                  seg_out=segment_elems * b, epilogue_inputs=int(accumulate), indexed="scatter")
 
 
 # --- the library's dynamic operators ------------------------------------------------------------------
@@ -158,7 +158,15 @@ def channel_gated_conv2d(name: str, n: int, cin_kept: int, cout_kept: int, h: in
     b = DTYPE_BYTES[dtype]
     ho, wo = conv_out(h, k, stride), conv_out(w, k, stride)
     w_row = cin_kept / groups * k * k
-    seg_w = group_size * k * k if in_gated else w_row
+    # Weight layout puts a gated dimension outermost so that its gather reads long runs: OIHW when the
+    # outputs are gated (a whole filter per kept output channel; with inputs gated too, runs of G x k x k
+    # inside each filter), IOHW when only the inputs are (G whole input-channel slices of all filters).
+    if in_gated and out_gated:
+        seg_w = group_size * k * k
+    elif in_gated:
+        seg_w = group_size * cout_kept * k * k
+    else:
+        seg_w = w_row
     if layout == "nchw":
         seg_in = group_size * h * w if in_gated else 0
         seg_out = group_size * ho * wo if out_gated else 0
@@ -169,9 +177,10 @@ def channel_gated_conv2d(name: str, n: int, cin_kept: int, cout_kept: int, h: in
     return Kernel(
         name=name, out=(n, max(cout_kept, 1), ho, wo), macs=w_row, dtype_bytes=b, dtype=dtype, gemm=True,
         cin=max(cin_kept, 1), groups=groups, kh=k, kw=k, stride=stride, weight_per_sample=not shared_gates,
-        # DRAM sees each weight once (samples keep different channels, so their union is ~the whole
-        # weight); the per-sample re-reads happen on chip (``weight_per_sample`` in the tile model)
-        in_bytes=n * cin_kept * h * w * b, w_bytes=full_weight_elems * b, out_bytes=out_bytes,
+        # DRAM sees each weight once: the union of the samples' kept slices (at most the whole weight);
+        # the per-sample re-reads happen on chip (``weight_per_sample`` in the tile model)
+        in_bytes=n * cin_kept * h * w * b, w_bytes=min(full_weight_elems, n * cout_kept * w_row) * b,
+        out_bytes=out_bytes,
         other_bytes=epilogue_inputs * out_bytes, seg_in=seg_in * b, seg_w=seg_w * b, seg_out=seg_out * b,
         epilogue_inputs=epilogue_inputs,
     )

@@ -67,6 +67,7 @@ class Kernel:
     launches: int = 1
     syncs: int = 0
     patch_views: bool = False
+    indexed: str = ""  # "gather" / "scatter": an index-driven copy (priced with that efficiency)
 
     @property
     def flops(self) -> float:
@@ -112,6 +113,7 @@ class _Geometry:
     in_tile: np.ndarray
     w_tile: np.ndarray
     out_tile: np.ndarray
+    row: np.ndarray  # output positions of a tile along a row (T_S2, clipped)
 
 
 def _views(kernel: Kernel) -> list[tuple[int, int, int, int]]:
@@ -168,8 +170,8 @@ def _geometry(kernel: Kernel, num_pe: int, lanes: int, max_tile_outputs: int) ->
         util = np.minimum(1.0, outputs / lanes)
         view_arr = np.tile(np.asarray(view, dtype=np.float64), (len(outputs), 1))
         parts.append((np.stack([tp, tc, t1, t2], axis=1), view_arr, n_tiles, waves, flops_tile, util,
-                      np.broadcast_to(in_tile, outputs.shape).astype(np.float64), w_tile, out_tile))
-    cat = [np.concatenate([part[i] for part in parts]) for i in range(9)]
+                      np.broadcast_to(in_tile, outputs.shape).astype(np.float64), w_tile, out_tile, e2))
+    cat = [np.concatenate([part[i] for part in parts]) for i in range(10)]
     return _Geometry(*cat)
 
 
@@ -199,7 +201,8 @@ def pe_rate(kernel: Kernel, device: Device) -> float:
         if matrix > 0:  # tensor cores / matrix instructions for FP16 and BF16 GEMMs
             return matrix * 1e12 / device.num_pe * eff.matrix
         return device.fp32_per_pe * 2.0 * clock * simd * eff.compute
-    return device.fp32_per_pe * clock * simd * eff.simple
+    fraction = {"gather": eff.index, "scatter": eff.scatter}.get(kernel.indexed, eff.simple)
+    return device.fp32_per_pe * clock * simd * fraction
 
 
 def price(kernel: Kernel, device: Device) -> KernelCost:
@@ -218,7 +221,16 @@ def _price_cached(kernel: Kernel, device: Device) -> KernelCost:
     pen_out = access_penalty(kernel.seg_out, device)
 
     rate = pe_rate(kernel, device)
-    t_compute_tile = geo.flops_tile / (rate * geo.util) if kernel.macs > 0 else np.zeros_like(geo.util)
+    if kernel.macs <= 0:
+        t_compute_tile = np.zeros_like(geo.util)
+    elif kernel.gemm:
+        # besides its MACs every output costs ``output_ops``; tiles narrower than the PE's row block
+        # leave part of its lanes idle
+        row_util = np.minimum(1.0, geo.row / max(eff.row_block, 1.0))
+        work = geo.flops_tile * (1.0 + eff.output_ops / kernel.macs)
+        t_compute_tile = work / (rate * geo.util * row_util)
+    else:
+        t_compute_tile = geo.flops_tile / (rate * geo.util)
     tile_bytes = geo.in_tile * pen_in + geo.w_tile * pen_w + geo.out_tile * pen_out
     t_move_tile = tile_bytes / pe_onchip_bw
     t_onchip = geo.waves * combine(t_compute_tile, t_move_tile, eff.overlap)

@@ -1,0 +1,467 @@
+// CPU kernel of channel_gated_conv2d: the batched weight-gather convolution.
+//
+// Work is split into (sample, output-pixel tile) items run in parallel. For
+// each sample the thread lists the active input and output channels of every
+// convolution group and gathers the weight rows (active outputs) and columns
+// (active inputs) into a small thread-local slice; each tile then im2col-packs
+// only the active input channels of that tile (a bounded buffer, never a
+// whole-map one) and runs one GEMM slice x tile, so FLOPs and input reads
+// follow the gate density. Inactive output channels are written as exact zeros.
+//
+// Two layouts, each with its own packing order so every copy runs over
+// contiguous memory: NCHW packs (channel, ky, kx) rows of pixels, channels_last
+// packs pixels of (ky, kx, channel) runs. The GEMMs are ATen mm calls (MKL) on
+// views of the thread-local buffers.
+//
+// Each thread's GEMMs must run single-threaded: PyTorch turns MKL's dynamic
+// threading off, so an MKL call inside an OpenMP region would open a nested
+// team per call and oversubscribe the cores (measured 10-20x slower on 2
+// threads). mkl_set_num_threads_local(1) pins this thread's MKL calls to one
+// thread for the duration of the chunk. Independent per-thread GEMMs on
+// (sample, tile) items beat one multi-threaded GEMM at a time with parallel
+// packing in between, which needs several synchronisations per tile.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../activation.h"
+#include "../channel_geometry.h"
+
+// MKL's Fortran-convention setter (argument by pointer), exported by
+// libtorch_cpu when torch is built with MKL. Weak, so a torch without it still
+// loads this library; then the guard does nothing.
+extern "C" int mkl_set_num_threads_local_(const int* nt) __attribute__((weak));
+
+namespace laudnet_ops {
+namespace {
+
+// When active, keeps the MKL calls of the current thread single-threaded while
+// alive (0 restores the global setting, which is what a fresh thread has).
+class SequentialBlasGuard {
+ public:
+  explicit SequentialBlasGuard(bool active) : active_(active && mkl_set_num_threads_local_ != nullptr) {
+    if (active_) {
+      const int one = 1;
+      previous_ = mkl_set_num_threads_local_(&one);
+    }
+  }
+  ~SequentialBlasGuard() {
+    if (active_) mkl_set_num_threads_local_(&previous_);
+  }
+  SequentialBlasGuard(const SequentialBlasGuard&) = delete;
+  SequentialBlasGuard& operator=(const SequentialBlasGuard&) = delete;
+
+ private:
+  bool active_;
+  int previous_ = 0;
+};
+
+// Packed-buffer budget per tile, in elements of the dense group width (1 MiB
+// of float32, half of it at half the input channels on, about a core's L2):
+// a 1x1 conv over a 28x28 map is one GEMM per sample, a 3x3 conv of 256
+// channels 7 tiles of 112 pixels.
+constexpr int64_t kColBudget = 262144;
+
+// Below about this many (dense) FLOPs a chunk of work is not worth a thread.
+constexpr int64_t kMinParallelFlops = 1 << 22;
+
+struct Run {
+  int64_t start, len;  // channels [start, start + len) relative to their convolution group
+};
+
+// The channels a sample keeps, per convolution group g: idx[off[g] .. off[g+1])
+// (relative to the group's first channel) and the same set as maximal runs.
+struct Active {
+  std::vector<int64_t> idx, off;
+  std::vector<Run> runs;
+  std::vector<int64_t> run_off;
+
+  void collect(const bool* gates, int64_t per_group, int64_t groups, int64_t G) {
+    idx.clear();
+    runs.clear();
+    off.assign(1, 0);
+    run_off.assign(1, 0);
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t c = 0; c < per_group; ++c) {
+        if (gates != nullptr && !gates[(g * per_group + c) / G]) continue;
+        idx.push_back(c);
+        if (runs.size() > static_cast<size_t>(run_off.back()) && runs.back().start + runs.back().len == c)
+          ++runs.back().len;
+        else
+          runs.push_back({c, 1});
+      }
+      off.push_back(static_cast<int64_t>(idx.size()));
+      run_off.push_back(static_cast<int64_t>(runs.size()));
+    }
+  }
+  int64_t count(int64_t g) const { return off[g + 1] - off[g]; }
+  const int64_t* begin(int64_t g) const { return idx.data() + off[g]; }
+};
+
+// Output positions o in [0, out) whose input o*s - p + kd falls inside [0, in).
+inline void valid_outputs(int64_t in, int64_t out, int64_t s, int64_t p, int64_t kd, int64_t& lo, int64_t& hi) {
+  lo = p - kd <= 0 ? 0 : (p - kd + s - 1) / s;
+  const int64_t last = in - 1 + p - kd;
+  hi = last < 0 ? 0 : last / s + 1;
+  lo = std::min(lo, out);
+  hi = std::max(lo, std::min(hi, out));
+}
+
+inline bool is_pointwise(const ConvGeometry& g) {
+  return g.KH == 1 && g.KW == 1 && g.SH == 1 && g.SW == 1 && g.PH == 0 && g.PW == 0;
+}
+
+// Per-thread state: the current sample's channel lists and weight slices, and the tile buffers.
+template <typename scalar_t>
+struct Workspace {
+  int64_t n = -1;
+  Active in, out;
+  std::vector<scalar_t> wslice, col, acc;
+  std::vector<const scalar_t*> wptr;  // per conv group: [n_out, K] rows, K in packing order
+};
+
+template <typename scalar_t, bool kChannelsLast>
+class ChannelConv {
+ public:
+  ChannelConv(const ConvGeometry& g, const scalar_t* x, const scalar_t* w, const scalar_t* bias,
+              const bool* in_gates, const bool* out_gates, scalar_t* y, at::TensorOptions opts)
+      : g_(g), x_(x), w_(w), bias_(bias), in_gates_(in_gates), out_gates_(out_gates), y_(y), opts_(opts) {
+    KK_ = g.KH * g.KW;
+    HWo_ = g.Ho * g.Wo;
+    const int64_t k_dense = std::max<int64_t>(1, g.cin_g() * KK_);
+    const int64_t want = std::max<int64_t>(16, kColBudget / k_dense);
+    ntiles_ = std::max<int64_t>(1, ceil_div(HWo_, want));
+    T_ = std::max<int64_t>(1, ceil_div(HWo_, ntiles_));
+    ntiles_ = std::max<int64_t>(1, ceil_div(HWo_, T_));
+  }
+
+  int64_t items() const { return g_.N * ntiles_; }
+
+  // Items per parallel chunk: small convolutions run on one thread, where waking
+  // the others would cost more than the work.
+  int64_t grain() const {
+    const int64_t flops = std::max<int64_t>(1, 2 * T_ * g_.cout_g() * g_.cin_g() * KK_ * g_.groups);
+    return std::max<int64_t>(1, kMinParallelFlops / flops);
+  }
+
+  template <Activation A>
+  // sequential_blas: the items are split over threads, so each GEMM must stay on its thread.
+  void run(int64_t begin, int64_t end, bool sequential_blas) const {
+    const SequentialBlasGuard guard(sequential_blas);
+    Workspace<scalar_t> ws;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / ntiles_, t0 = (item % ntiles_) * T_;
+      const int64_t t1 = std::min(HWo_, t0 + T_);
+      if (n != ws.n) load_sample(ws, n);
+      for (int64_t grp = 0; grp < g_.groups; ++grp) tile<A>(ws, n, grp, t0, t1);
+    }
+  }
+
+ private:
+  // The sample's channel lists and, per convolution group, its weight slice
+  // [active outputs, active inputs x KH x KW] in this layout's packing order.
+  void load_sample(Workspace<scalar_t>& ws, int64_t n) const {
+    ws.n = n;
+    ws.in.collect(in_gates_ ? in_gates_ + n * (g_.Cin / g_.G) : nullptr, g_.cin_g(), g_.groups, g_.G);
+    ws.out.collect(out_gates_ ? out_gates_ + n * (g_.Cout / g_.G) : nullptr, g_.cout_g(), g_.groups, g_.G);
+    const int64_t Cin_g = g_.cin_g(), Cout_g = g_.cout_g(), K_dense = Cin_g * KK_;
+    ws.wptr.assign(g_.groups, nullptr);
+    int64_t need = 0;
+    for (int64_t grp = 0; grp < g_.groups; ++grp)
+      if (!full(ws, grp)) need += ws.out.count(grp) * ws.in.count(grp) * KK_;
+    ws.wslice.resize(need);
+    scalar_t* dst = ws.wslice.data();
+    for (int64_t grp = 0; grp < g_.groups; ++grp) {
+      const scalar_t* wg = w_ + grp * Cout_g * K_dense;
+      if (full(ws, grp)) {  // every channel on: the dense rows are the slice
+        ws.wptr[grp] = wg;
+        continue;
+      }
+      ws.wptr[grp] = dst;
+      const int64_t nin = ws.in.count(grp);
+      for (int64_t j = 0; j < ws.out.count(grp); ++j) {
+        const scalar_t* row = wg + ws.out.begin(grp)[j] * K_dense;
+        if (kChannelsLast) {  // weight rows are (ky, kx, ci): copy the active runs per tap
+          for (int64_t kk = 0; kk < KK_; ++kk)
+            for (int64_t r = ws.in.run_off[grp]; r < ws.in.run_off[grp + 1]; ++r) {
+              const Run& run = ws.in.runs[r];
+              dst = std::copy(row + kk * Cin_g + run.start, row + kk * Cin_g + run.start + run.len, dst);
+            }
+        } else {  // weight rows are (ci, ky, kx): copy KH x KW taps per active channel
+          for (int64_t i = 0; i < nin; ++i) {
+            const scalar_t* taps = row + ws.in.begin(grp)[i] * KK_;
+            dst = std::copy(taps, taps + KK_, dst);
+          }
+        }
+      }
+    }
+  }
+
+  bool full(const Workspace<scalar_t>& ws, int64_t grp) const {
+    return ws.in.count(grp) == g_.cin_g() && ws.out.count(grp) == g_.cout_g();
+  }
+
+  template <Activation A>
+  void tile(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1) const {
+    const int64_t T = t1 - t0, nin = ws.in.count(grp), nout = ws.out.count(grp);
+    const int64_t K = nin * KK_;
+    const bool all_out = nout == g_.cout_g();
+    if (nout == 0) {
+      zero_group(n, grp, t0, t1);
+      return;
+    }
+    // B operand: the packed tile, or the input itself for a pointwise conv reading every channel.
+    const scalar_t* cols;
+    int64_t ld_cols;
+    if (is_pointwise(g_) && nin == g_.cin_g()) {
+      cols = kChannelsLast ? x_ + (n * HWo_ + t0) * g_.Cin + grp * g_.cin_g()
+                           : x_ + (n * g_.Cin + grp * g_.cin_g()) * HWo_ + t0;
+      ld_cols = kChannelsLast ? g_.Cin : HWo_;
+    } else {
+      ws.col.resize(K * T);
+      pack(ws, n, grp, t0, t1);
+      cols = ws.col.data();
+      ld_cols = kChannelsLast ? K : T;
+    }
+    // C operand: straight into y when every output channel of the group is on.
+    scalar_t* acc;
+    int64_t ld_acc;
+    if (all_out) {
+      acc = kChannelsLast ? y_ + (n * HWo_ + t0) * g_.Cout + grp * g_.cout_g()
+                          : y_ + (n * g_.Cout + grp * g_.cout_g()) * HWo_ + t0;
+      ld_acc = kChannelsLast ? g_.Cout : HWo_;
+    } else {
+      ws.acc.resize(nout * T);
+      acc = ws.acc.data();
+      ld_acc = kChannelsLast ? nout : T;
+    }
+    gemm(ws.wptr[grp], nout, K, cols, ld_cols, T, acc, ld_acc);
+    if (all_out)
+      epilogue_in_place<A>(grp, acc, ld_acc, T);
+    else
+      epilogue_scatter<A>(ws, n, grp, t0, t1, acc);
+  }
+
+  // NCHW: acc[nout, T] = w[nout, K] @ cols[K, T]; channels_last: acc[T, nout] = cols[T, K] @ w[nout, K]^T.
+  void gemm(const scalar_t* w, int64_t nout, int64_t K, const scalar_t* cols, int64_t ld_cols, int64_t T,
+            scalar_t* acc, int64_t ld_acc) const {
+    if (K == 0) {  // no input channel on: the convolution is just the bias
+      for (int64_t r = 0; r < (kChannelsLast ? T : nout); ++r)
+        std::fill(acc + r * ld_acc, acc + r * ld_acc + (kChannelsLast ? nout : T), scalar_t(0));
+      return;
+    }
+    auto view = [&](const scalar_t* p, at::IntArrayRef sizes, at::IntArrayRef strides) {
+      return at::from_blob(const_cast<scalar_t*>(p), sizes, strides, opts_);
+    };
+    const at::Tensor wt = view(w, {nout, K}, {K, 1});
+    if (kChannelsLast) {
+      at::Tensor out = view(acc, {T, nout}, {ld_acc, 1});
+      at::mm_out(out, view(cols, {T, K}, {ld_cols, 1}), wt.t());
+    } else {
+      at::Tensor out = view(acc, {nout, T}, {ld_acc, 1});
+      at::mm_out(out, wt, view(cols, {K, T}, {ld_cols, 1}));
+    }
+  }
+
+  void pack(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1) const {
+    if (kChannelsLast)
+      pack_nhwc(ws, n, grp, t0, t1);
+    else
+      pack_nchw(ws, n, grp, t0, t1);
+  }
+
+  // col[(i, ky, kx), t]: one row of the tile's output pixels per active channel and tap.
+  void pack_nchw(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1) const {
+    const int64_t T = t1 - t0, nin = ws.in.count(grp);
+    scalar_t* dst = ws.col.data();
+    for (int64_t i = 0; i < nin; ++i) {
+      const int64_t ci = grp * g_.cin_g() + ws.in.begin(grp)[i];
+      const scalar_t* plane = x_ + (n * g_.Cin + ci) * g_.H * g_.W;
+      for (int64_t ky = 0; ky < g_.KH; ++ky)
+        for (int64_t kx = 0; kx < g_.KW; ++kx, dst += T) pack_row_nchw(plane, ky, kx, t0, t1, dst);
+    }
+  }
+
+  void pack_row_nchw(const scalar_t* plane, int64_t ky, int64_t kx, int64_t t0, int64_t t1, scalar_t* dst) const {
+    int64_t x_lo, x_hi;
+    valid_outputs(g_.W, g_.Wo, g_.SW, g_.PW, kx * g_.DW, x_lo, x_hi);
+    for (int64_t t = t0; t < t1;) {
+      const int64_t oy = t / g_.Wo, ox0 = t % g_.Wo, ox1 = std::min(g_.Wo, ox0 + (t1 - t));
+      const int64_t iy = oy * g_.SH - g_.PH + ky * g_.DH;
+      scalar_t* out = dst + (t - t0) - ox0;  // out[ox] is the packed value of output column ox
+      if (iy < 0 || iy >= g_.H) {
+        std::fill(out + ox0, out + ox1, scalar_t(0));
+      } else {
+        const int64_t lo = std::clamp(x_lo, ox0, ox1), hi = std::clamp(x_hi, lo, ox1);
+        std::fill(out + ox0, out + lo, scalar_t(0));
+        const scalar_t* row = plane + iy * g_.W - g_.PW + kx * g_.DW;  // row[ox * SW] = x[iy, ix]
+        if (g_.SW == 1) {
+          std::copy(row + lo, row + hi, out + lo);
+        } else {
+          for (int64_t ox = lo; ox < hi; ++ox) out[ox] = row[ox * g_.SW];
+        }
+        std::fill(out + hi, out + ox1, scalar_t(0));
+      }
+      t += ox1 - ox0;
+    }
+  }
+
+  // col[t, (ky, kx, i)]: per output pixel, the active channel runs of every tap.
+  void pack_nhwc(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1) const {
+    const int64_t nin = ws.in.count(grp);
+    const Run* runs = ws.in.runs.data() + ws.in.run_off[grp];
+    const int64_t nruns = ws.in.run_off[grp + 1] - ws.in.run_off[grp];
+    scalar_t* dst = ws.col.data();
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t oy = t / g_.Wo, ox = t % g_.Wo;
+      for (int64_t ky = 0; ky < g_.KH; ++ky) {
+        const int64_t iy = oy * g_.SH - g_.PH + ky * g_.DH;
+        for (int64_t kx = 0; kx < g_.KW; ++kx) {
+          const int64_t ix = ox * g_.SW - g_.PW + kx * g_.DW;
+          if (iy < 0 || iy >= g_.H || ix < 0 || ix >= g_.W) {
+            dst = std::fill_n(dst, nin, scalar_t(0));
+            continue;
+          }
+          const scalar_t* px = x_ + ((n * g_.H + iy) * g_.W + ix) * g_.Cin + grp * g_.cin_g();
+          for (int64_t r = 0; r < nruns; ++r) dst = std::copy(px + runs[r].start, px + runs[r].start + runs[r].len, dst);
+        }
+      }
+    }
+  }
+
+  // The GEMM wrote the group's channels of y directly: add the bias and activate them.
+  template <Activation A>
+  void epilogue_in_place(int64_t grp, scalar_t* acc, int64_t ld_acc, int64_t T) const {
+    const int64_t Cout_g = g_.cout_g();
+    const scalar_t* b = bias_ ? bias_ + grp * Cout_g : nullptr;
+    if (kChannelsLast) {
+      for (int64_t t = 0; t < T; ++t) {
+        scalar_t* px = acc + t * ld_acc;
+        for (int64_t c = 0; c < Cout_g; ++c) px[c] = activate<A>(b ? px[c] + b[c] : px[c]);
+      }
+    } else {
+      for (int64_t c = 0; c < Cout_g; ++c) {
+        scalar_t* row = acc + c * ld_acc;
+        const scalar_t bc = b ? b[c] : scalar_t(0);
+        for (int64_t t = 0; t < T; ++t) row[t] = activate<A>(row[t] + bc);
+      }
+    }
+  }
+
+  // Some output channels of the group are off: write act(acc + bias) to the active ones, 0 to the rest.
+  template <Activation A>
+  void epilogue_scatter(const Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1,
+                        const scalar_t* acc) const {
+    const int64_t T = t1 - t0, Cout_g = g_.cout_g(), c0 = grp * Cout_g, nout = ws.out.count(grp);
+    const Run* runs = ws.out.runs.data() + ws.out.run_off[grp];
+    const int64_t nruns = ws.out.run_off[grp + 1] - ws.out.run_off[grp];
+    if (kChannelsLast) {
+      for (int64_t t = 0; t < T; ++t) {
+        scalar_t* px = y_ + (n * HWo_ + t0 + t) * g_.Cout + c0;
+        const scalar_t* a = acc + t * nout;
+        int64_t c = 0;
+        for (int64_t r = 0; r < nruns; ++r) {
+          std::fill(px + c, px + runs[r].start, scalar_t(0));
+          for (c = runs[r].start; c < runs[r].start + runs[r].len; ++c, ++a)
+            px[c] = activate<A>(bias_ ? *a + bias_[c0 + c] : *a);
+        }
+        std::fill(px + c, px + Cout_g, scalar_t(0));
+      }
+    } else {
+      int64_t j = 0;
+      for (int64_t c = 0; c < Cout_g; ++c) {
+        scalar_t* row = y_ + (n * g_.Cout + c0 + c) * HWo_ + t0;
+        if (j < nout && ws.out.begin(grp)[j] == c) {
+          const scalar_t* a = acc + j * T;
+          const scalar_t bc = bias_ ? bias_[c0 + c] : scalar_t(0);
+          for (int64_t t = 0; t < T; ++t) row[t] = activate<A>(a[t] + bc);
+          ++j;
+        } else {
+          std::fill(row, row + T, scalar_t(0));
+        }
+      }
+    }
+  }
+
+  void zero_group(int64_t n, int64_t grp, int64_t t0, int64_t t1) const {
+    const int64_t Cout_g = g_.cout_g(), c0 = grp * Cout_g;
+    if (kChannelsLast) {
+      for (int64_t t = t0; t < t1; ++t) {
+        scalar_t* px = y_ + (n * HWo_ + t) * g_.Cout + c0;
+        std::fill(px, px + Cout_g, scalar_t(0));
+      }
+    } else {
+      for (int64_t c = 0; c < Cout_g; ++c) {
+        scalar_t* row = y_ + (n * g_.Cout + c0 + c) * HWo_;
+        std::fill(row + t0, row + t1, scalar_t(0));
+      }
+    }
+  }
+
+  const ConvGeometry g_;
+  const scalar_t* x_;
+  const scalar_t* w_;
+  const scalar_t* bias_;
+  const bool* in_gates_;
+  const bool* out_gates_;
+  scalar_t* y_;
+  at::TensorOptions opts_;
+  int64_t KK_, HWo_, T_, ntiles_;
+};
+
+at::Tensor channel_gated_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                    const c10::optional<at::Tensor>& bias,
+                                    const c10::optional<at::Tensor>& in_gates,
+                                    const c10::optional<at::Tensor>& out_gates, int64_t group_size,
+                                    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                    int64_t groups, c10::string_view activation) {
+  const char* op = "channel_gated_conv2d";
+  const ConvGeometry g = check_channel_conv_args(x, weight, bias, in_gates, out_gates, group_size, stride, padding,
+                                                 dilation, groups, op);
+  const Activation act = parse_activation(activation, op);
+  const at::MemoryFormat layout = feature_layout(x);
+  const bool nhwc = layout == at::MemoryFormat::ChannelsLast;
+  at::Tensor y = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x.options().memory_format(layout));
+  if (y.numel() == 0) return y;
+  const at::Tensor src = x.contiguous(layout);
+  // channels_last packs (ky, kx, ci): the weight rows get the same order once per call.
+  const at::Tensor w = nhwc ? weight.permute({0, 2, 3, 1}).contiguous() : weight.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor gin = in_gates.has_value() ? in_gates->contiguous() : at::Tensor();
+  const at::Tensor gout = out_gates.has_value() ? out_gates->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "channel_gated_conv2d_cpu", [&] {
+    const auto launch = [&](auto conv) {
+      // One chunk of work (a small call, or one thread): run it here and let MKL use its threads.
+      const bool split = at::get_num_threads() > 1 && conv.items() > conv.grain();
+      if (!split) {
+        with_activation(act, [&](auto A) { conv.template run<decltype(A)::value>(0, conv.items(), false); });
+        return;
+      }
+      at::parallel_for(0, conv.items(), conv.grain(), [&](int64_t begin, int64_t end) {
+        with_activation(act, [&](auto A) { conv.template run<decltype(A)::value>(begin, end, true); });
+      });
+    };
+    const auto args = std::make_tuple(g, src.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                      b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                                      gin.defined() ? gin.data_ptr<bool>() : nullptr,
+                                      gout.defined() ? gout.data_ptr<bool>() : nullptr, y.data_ptr<scalar_t>(),
+                                      src.options());
+    if (nhwc)
+      launch(std::make_from_tuple<ChannelConv<scalar_t, true>>(args));
+    else
+      launch(std::make_from_tuple<ChannelConv<scalar_t, false>>(args));
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(laudnet_ops, CPU, m) { m.impl("channel_gated_conv2d", &channel_gated_conv2d_cpu); }
+
+}  // namespace laudnet_ops

@@ -1,0 +1,181 @@
+// CPU kernels of the layer-skipping ops. Every op is a set of row copies (a
+// sample is one contiguous block in NCHW and in channels_last alike), run as
+// one flat parallel loop over elements so that a few large samples still
+// spread over all threads.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../activation.h"
+#include "../sample_rows.h"
+
+namespace laudnet_ops {
+namespace {
+
+constexpr int64_t kGrain = 32768;
+
+// Calls f(row, first, last) for the element range [begin, end) of rows of R elements.
+template <typename F>
+void for_row_segments(int64_t begin, int64_t end, int64_t R, F&& f) {
+  while (begin < end) {
+    const int64_t row = begin / R, first = begin % R, last = std::min(R, first + (end - begin));
+    f(row, first, last);
+    begin += last - first;
+  }
+}
+
+void fail_sel(const int32_t* sel, int64_t k, int64_t N, const char* op) {
+  TORCH_CHECK(false, op, ": sel[", k, "] = ", sel[k], " is outside the batch [0, ", N, ")");
+}
+
+void check_sel_in_range(const at::Tensor& sel, int64_t N, const char* op) {
+  const int32_t* s = sel.data_ptr<int32_t>();
+  for (int64_t k = 0; k < sel.numel(); ++k)
+    if (s[k] < 0 || s[k] >= N) fail_sel(s, k, N, op);
+}
+
+// slot[n] = k where sel[k] == n, or -1: proves sel in range and unique, and lets
+// the out-of-place scatter make one pass over its output.
+std::vector<int32_t> build_slots(const at::Tensor& sel, int64_t N, const char* op) {
+  std::vector<int32_t> slot(static_cast<size_t>(N), -1);
+  const int32_t* s = sel.data_ptr<int32_t>();
+  for (int64_t k = 0; k < sel.numel(); ++k) {
+    if (s[k] < 0 || s[k] >= N) fail_sel(s, k, N, op);
+    TORCH_CHECK(slot[s[k]] < 0, op, ": sel[", slot[s[k]], "] and sel[", k, "] both name sample ", s[k],
+                "; sel must be unique, as sample_gather returns it");
+    slot[s[k]] = static_cast<int32_t>(k);
+  }
+  return slot;
+}
+
+// dst row k = src row rows[k].
+template <typename scalar_t>
+void copy_rows(const scalar_t* src, scalar_t* dst, const int32_t* rows, int64_t K, int64_t R) {
+  at::parallel_for(0, K * R, kGrain, [&](int64_t begin, int64_t end) {
+    for_row_segments(begin, end, R, [&](int64_t k, int64_t first, int64_t last) {
+      const scalar_t* s = src + rows[k] * R;
+      std::copy(s + first, s + last, dst + k * R + first);
+    });
+  });
+}
+
+template <typename scalar_t, Activation A>
+void scatter_rows(const scalar_t* res, const scalar_t* y, scalar_t* out, const int32_t* slot, int64_t N, int64_t R) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, N * R, kGrain, [&](int64_t begin, int64_t end) {
+    for_row_segments(begin, end, R, [&](int64_t n, int64_t first, int64_t last) {
+      const scalar_t* r = res + n * R;
+      scalar_t* o = out + n * R;
+      if (slot[n] < 0) {
+        for (int64_t i = first; i < last; ++i) o[i] = activate<A>(acc_t(r[i]));
+      } else {
+        const scalar_t* yk = y + slot[n] * R;
+        for (int64_t i = first; i < last; ++i) o[i] = activate<A>(acc_t(r[i]) + acc_t(yk[i]));
+      }
+    });
+  });
+}
+
+// In place: visits only the selected rows, so the cost follows K, not N.
+template <typename scalar_t, Activation A>
+void scatter_rows_inplace(scalar_t* res, const scalar_t* y, const int32_t* sel, int64_t K, int64_t R) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, K * R, kGrain, [&](int64_t begin, int64_t end) {
+    for_row_segments(begin, end, R, [&](int64_t k, int64_t first, int64_t last) {
+      scalar_t* r = res + sel[k] * R;
+      const scalar_t* yk = y + k * R;
+      for (int64_t i = first; i < last; ++i) r[i] = activate<A>(acc_t(r[i]) + acc_t(yk[i]));
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> sample_gather_cpu(const at::Tensor& x, const at::Tensor& gates) {
+  const char* op = "sample_gather";
+  SampleRows s = check_sample_gather_args(x, gates, op);
+  const at::Tensor g = gates.contiguous();
+  const bool* on = g.data_ptr<bool>();
+  s.K = std::count(on, on + s.N, true);
+  at::Tensor sel = at::empty({s.K}, gates.options().dtype(at::kInt));
+  int32_t* sp = sel.data_ptr<int32_t>();
+  for (int64_t n = 0; n < s.N; ++n)
+    if (on[n]) *sp++ = static_cast<int32_t>(n);
+  const at::MemoryFormat layout = feature_layout(x);
+  at::Tensor out = at::empty(rows_shape(x, s.K), x.options().memory_format(layout));
+  if (out.numel() == 0) return {out, sel};
+  const at::Tensor src = x.contiguous(layout);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "sample_gather_cpu", [&] {
+    copy_rows(src.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), sel.data_ptr<int32_t>(), s.K, s.R);
+  });
+  return {out, sel};
+}
+
+at::Tensor sample_index_cpu(const at::Tensor& x, const at::Tensor& sel) {
+  const char* op = "_sample_index";
+  const SampleRows s = check_sample_index_args(x, sel, op);
+  const at::Tensor idx = sel.contiguous();
+  check_sel_in_range(idx, s.N, op);
+  const at::MemoryFormat layout = feature_layout(x);
+  at::Tensor out = at::empty(rows_shape(x, s.K), x.options().memory_format(layout));
+  if (out.numel() == 0) return out;
+  const at::Tensor src = x.contiguous(layout);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "sample_index_cpu", [&] {
+    copy_rows(src.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), idx.data_ptr<int32_t>(), s.K, s.R);
+  });
+  return out;
+}
+
+at::Tensor sample_scatter_add_cpu(const at::Tensor& residual, const at::Tensor& y, const at::Tensor& sel,
+                                  c10::string_view activation) {
+  const char* op = "sample_scatter_add";
+  const SampleRows s = check_sample_scatter_args(residual, y, sel, op);
+  const Activation act = parse_activation(activation, op);
+  const std::vector<int32_t> slot = build_slots(sel.contiguous(), s.N, op);
+  const at::MemoryFormat layout = feature_layout(residual);
+  at::Tensor out = at::empty(residual.sizes(), residual.options().memory_format(layout));
+  if (out.numel() == 0) return out;
+  const at::Tensor res = residual.contiguous(layout), yy = y.contiguous(layout);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, res.scalar_type(), "sample_scatter_add_cpu", [&] {
+    with_activation(act, [&](auto A) {
+      scatter_rows<scalar_t, decltype(A)::value>(res.data_ptr<scalar_t>(), yy.data_ptr<scalar_t>(),
+                                                 out.data_ptr<scalar_t>(), slot.data(), s.N, s.R);
+    });
+  });
+  return out;
+}
+
+void sample_scatter_add_inplace_cpu(const at::Tensor& residual, const at::Tensor& y, const at::Tensor& sel,
+                                    c10::string_view activation) {
+  const char* op = "sample_scatter_add_";
+  const SampleRows s = check_sample_scatter_args(residual, y, sel, op);
+  const Activation act = parse_activation(activation, op);
+  const at::Tensor idx = sel.contiguous();
+  build_slots(idx, s.N, op);  // in range and unique, or an error before any write
+  if (s.K == 0 || residual.numel() == 0) return;
+  const at::MemoryFormat layout = feature_layout(residual);
+  // Strides we cannot address directly get a dense working copy, written back once.
+  at::Tensor work = residual.is_contiguous(layout) ? residual : residual.contiguous(layout);
+  const at::Tensor yy = y.contiguous(layout);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work.scalar_type(), "sample_scatter_add_cpu_", [&] {
+    with_activation(act, [&](auto A) {
+      scatter_rows_inplace<scalar_t, decltype(A)::value>(work.data_ptr<scalar_t>(), yy.data_ptr<scalar_t>(),
+                                                         idx.data_ptr<int32_t>(), s.K, s.R);
+    });
+  });
+  if (!work.is_same(residual)) residual.copy_(work);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(laudnet_ops, CPU, m) {
+  m.impl("sample_gather", &sample_gather_cpu);
+  m.impl("sample_scatter_add", &sample_scatter_add_cpu);
+  m.impl("sample_scatter_add_", &sample_scatter_add_inplace_cpu);
+  m.impl("_sample_index", &sample_index_cpu);
+}
+
+}  // namespace laudnet_ops
