@@ -71,7 +71,7 @@ def main(argv=None):
         add("dense", "torchvision-style (BN unfolded)", fmt, measure(unfolded, xin, args.min_run_time))
     best = min(baseline.values())
 
-    for mode in args.modes.split(","):
+    for mode in filter(None, args.modes.split(",")):
         missing = missing_sparse_ops(mode)
         if missing:
             print(f"{mode}: skipped, ops not built: {missing}", file=sys.stderr)
