@@ -68,10 +68,12 @@ def test_force_keep_one_equals_torchvision(name, mode, torchvision_model):
     with torch.no_grad():
         expected = reference(x)
         set_execution(model, "masked")
-        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
         needs_sparse_ops(mode)
         set_execution(model, "sparse")
-        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
+        # Folded batch norm and the kernels' own summation order, through 50 layers in float32.
+        atol = 1e-3 * expected.abs().max().item()
+        torch.testing.assert_close(model(x), expected, atol=atol, rtol=1e-3)
 
 
 def test_state_dict_round_trip_between_modes():

@@ -263,6 +263,8 @@ class DynamicBottleneck(DynamicBlock):
         gates = self.masker.decide(self.masker.logits(x)) > 0
         identity = self._identity(x)
         self._record(x, tuple(identity.shape[2:]), gates)
+        if int(gates.sum()) == x.shape[0]:  # nothing to gather
+            return F.relu_(self._branch(x).add_(identity))
         selected, sel = op("sample_gather")(x, gates)
         y = self._branch(selected)
         return self._sample_residual_add(identity, y, sel, self.downsample is not None)
@@ -424,6 +426,8 @@ class DynamicRegNetYBlock(DynamicBlock):
         gates = self.masker.decide(self.masker.logits(x)) > 0
         identity = self._identity(x)
         self._record(x, tuple(identity.shape[2:]), gates)
+        if int(gates.sum()) == x.shape[0]:  # nothing to gather
+            return F.relu_(self._branch(x).add_(identity))
         selected, sel = op("sample_gather")(x, gates)
         y = self._branch(selected)
         return self._sample_residual_add(identity, y, sel, self.proj is not None)
