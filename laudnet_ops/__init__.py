@@ -6,16 +6,19 @@ wrappers, fake kernels (for ``torch.compile``) and autograd formulas.
 """
 
 from . import reference
+from . import unfused  # plain PyTorch: usable without the compiled extension
 from ._library import cuda_kernels_built, extension_error, require_extension
 
 __version__ = "0.1.0"
 
 _OPS = ("patch_indices", "scatter_add", "scatter_add_")
 _OPS += ("channel_gated_conv2d", "sample_gather", "sample_scatter_add", "sample_scatter_add_")
+_OPS += ("gather_conv2d", "masker_conv1x1")
 
 if extension_error is None:
     from .ops import patch_indices, scatter_add, scatter_add_  # noqa: F401
     from .ops import channel_gated_conv2d, sample_gather, sample_scatter_add, sample_scatter_add_  # noqa: F401
+    from .ops import gather_conv2d, masker_conv1x1  # noqa: F401
 
 
 def __getattr__(name):
@@ -26,6 +29,7 @@ def __getattr__(name):
 
 
 __all__ = ["reference", "cuda_kernels_built", "require_extension", "__version__", *_OPS]
+__all__ += ["unfused"]
 
 # Modules and models: plain PyTorch until their sparse path runs, so importable without the extension.
 from . import models, nn  # noqa: E402

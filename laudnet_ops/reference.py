@@ -122,3 +122,50 @@ def sample_scatter_add(
     if torch.unique(sel).shape[0] != sel.shape[0]:
         raise ValueError("sel entries must be unique")
     return _activate(residual.index_add(0, sel.long(), y), activation)
+
+
+def gather_conv2d(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    bias,
+    patch_size: int,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    activation: str = "relu",
+) -> torch.Tensor:
+    """``(P, Cout, S, S)``: the dense ``act(conv2d(x, ...))`` map, read at each patch of ``indices``
+    (zero where a border patch leaves the output map)."""
+    out = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return gather_patches(_activate(out, activation), indices, patch_size)
+
+
+def masker_conv1x1(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias,
+    mask_weight: torch.Tensor,
+    mask_bias,
+    patch_size: int,
+    stride: int = 1,
+    activation: str = "relu",
+):
+    """``(y, logits)``: ``y = act(conv1x1(x, weight, bias))``; ``logits[n, :, py, px]`` is the mean
+    of ``conv1x1(x, mask_weight, mask_bias)`` over input rows ``[py*S*stride, min((py+1)*S*stride, H))``
+    and the same columns (the mask grid is ``ceil(ceil(H / stride) / S)`` rows)."""
+    if mask_weight.shape[0] < 1:
+        raise ValueError("mask_weight must have at least one masker channel")
+    y = _activate(torch.nn.functional.conv2d(x, weight, bias), activation)
+    m = torch.nn.functional.conv2d(x, mask_weight, mask_bias)
+    N, M, H, W = m.shape
+    window = patch_size * stride
+    Hq = math.ceil(math.ceil(H / stride) / patch_size)
+    Wq = math.ceil(math.ceil(W / stride) / patch_size)
+    # Sum each window of a zero-padded copy, and divide by how many real pixels it holds.
+    pad = (0, Wq * window - W, 0, Hq * window - H)
+    sums = torch.nn.functional.pad(m, pad).view(N, M, Hq, window, Wq, window).sum((3, 5))
+    ones = torch.nn.functional.pad(m.new_ones(1, 1, H, W), pad)
+    counts = ones.view(1, 1, Hq, window, Wq, window).sum((3, 5))
+    return y, sums / counts

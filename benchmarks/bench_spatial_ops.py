@@ -1,0 +1,136 @@
+"""Spatial-skipping kernels against their dense and unfused baselines, in one run.
+
+gather_conv2d on a ResNet-50 stage-2 3x3 convolution (x (16, 128, 28, 28), 128 -> 128,
+padding 1) for S in {1, 2, 4, 7} and kept fractions {0.25, 0.5, 0.75, 1.0}, against the
+dense F.conv2d in NCHW and in channels_last (oneDNN's channels_last convolution is the
+stronger baseline on CPU), and against the unfused gather -> conv composite.
+masker_conv1x1 against the plain 1x1 convolution alone and against the unfused
+conv + pool + masker-conv, each in NCHW and channels_last.
+
+Every time is the median of torch.utils.benchmark's blocked_autorange; ratios are taken
+within this one run. The fused op includes its bias and ReLU; the dense baselines are
+the bare F.conv2d (no bias, no activation), so the ratios are, if anything, unfavourable
+to the fused op.
+
+    python benchmarks/bench_spatial_ops.py [--threads 2] [--csv out.csv] [--device cpu]
+"""
+
+import argparse
+import csv
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+import laudnet_ops
+from laudnet_ops import unfused
+
+CL = torch.channels_last
+
+
+def timeit(fn, min_run_time):
+    """Median seconds of fn() (CUDA: synchronised by Timer)."""
+    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def exact_indices(N, Hp, Wp, keep, gen, device):
+    """Indices of exactly round(keep * N * Hp * Wp) random patches (at least one)."""
+    total = N * Hp * Wp
+    count = max(1, round(keep * total))
+    mask = torch.zeros(total, dtype=torch.bool)
+    mask[torch.randperm(total, generator=gen)[:count]] = True
+    return laudnet_ops.patch_indices(mask.view(N, Hp, Wp).to(device))
+
+
+def bench_gather_conv(args, rows):
+    dev, dt = args.device, torch.float32
+    gen = torch.Generator().manual_seed(0)
+    N, C, H, W = 16, 128, 28, 28
+    x = torch.randn(N, C, H, W, generator=gen).to(dev, dt)
+    w = (torch.randn(C, C, 3, 3, generator=gen) / math.sqrt(9 * C)).to(dev, dt)
+    b = torch.randn(C, generator=gen).to(dev, dt)
+    x_cl, w_cl = x.contiguous(memory_format=CL), w.contiguous(memory_format=CL)
+    t_dense_nchw = timeit(lambda: F.conv2d(x, w, None, 1, 1), args.min_run_time)
+    t_dense_cl = timeit(lambda: F.conv2d(x_cl, w_cl, None, 1, 1), args.min_run_time)
+    print(f"\ngather_conv2d  x {tuple(x.shape)}, 3x3 {C}->{C}, padding 1, {dt}, {args.device}")
+    print(f"dense F.conv2d: NCHW {t_dense_nchw * 1e3:.2f} ms, channels_last {t_dense_cl * 1e3:.2f} ms")
+    hdr = ("S", "kept", "P", "fused_cl_ms", "fused_nchw_ms", "unfused_cl_ms",
+           "fused_cl/dense_cl", "fused_cl/dense_nchw", "fused_nchw/dense_nchw", "unfused_cl/dense_cl")
+    print(" ".join(f"{h:>21}" if "/" in h else f"{h:>13}" for h in hdr))
+    for S in (1, 2, 4, 7):
+        Hp, Wp = math.ceil(H / S), math.ceil(W / S)
+        for keep in (0.25, 0.5, 0.75, 1.0):
+            idx = exact_indices(N, Hp, Wp, keep, gen, dev)
+            t_cl = timeit(lambda: laudnet_ops.gather_conv2d(x_cl, idx, w, b, S, 1, 1), args.min_run_time)
+            t_nchw = timeit(lambda: laudnet_ops.gather_conv2d(x, idx, w, b, S, 1, 1), args.min_run_time)
+            t_unf = timeit(lambda: unfused.gather_conv2d(x_cl, idx, w_cl, b, S, 1, 1), args.min_run_time)
+            r = dict(op="gather_conv2d", S=S, kept=keep, P=idx.shape[0], fused_cl_ms=t_cl * 1e3,
+                     fused_nchw_ms=t_nchw * 1e3, unfused_cl_ms=t_unf * 1e3,
+                     dense_nchw_ms=t_dense_nchw * 1e3, dense_cl_ms=t_dense_cl * 1e3)
+            ratios = (t_cl / t_dense_cl, t_cl / t_dense_nchw, t_nchw / t_dense_nchw, t_unf / t_dense_cl)
+            r.update(zip(hdr[6:], ratios))
+            rows.append(r)
+            print(f"{S:>13} {keep:>13} {idx.shape[0]:>13} {t_cl * 1e3:>13.2f} {t_nchw * 1e3:>13.2f} "
+                  f"{t_unf * 1e3:>13.2f} " + " ".join(f"{v:>21.3f}" for v in ratios))
+            sys.stdout.flush()
+
+
+def bench_masker(args, rows):
+    dev, dt = args.device, torch.float32
+    gen = torch.Generator().manual_seed(1)
+    # A stage-2 bottleneck (stride 1) and the stage's first, strided block.
+    for (N, Cin, H, W, Cout, S, stride) in ((16, 512, 28, 28, 128, 4, 1), (16, 256, 56, 56, 128, 4, 2)):
+        M = 1
+        x = torch.randn(N, Cin, H, W, generator=gen).to(dev, dt)
+        w = (torch.randn(Cout, Cin, 1, 1, generator=gen) / math.sqrt(Cin)).to(dev, dt)
+        b = torch.randn(Cout, generator=gen).to(dev, dt)
+        wm = (torch.randn(M, Cin, 1, 1, generator=gen) / math.sqrt(Cin)).to(dev, dt)
+        bm = torch.randn(M, generator=gen).to(dev, dt)
+        print(f"\nmasker_conv1x1  x {tuple(x.shape)}, 1x1 {Cin}->{Cout} + {M} masker channel, S={S}, "
+              f"stride={stride}, {dt}, {args.device}")
+        for layout in ("nchw", "channels_last"):
+            xl = x if layout == "nchw" else x.contiguous(memory_format=CL)
+            wl = w if layout == "nchw" else w.contiguous(memory_format=CL)
+            wml = wm if layout == "nchw" else wm.contiguous(memory_format=CL)
+            t_plain = timeit(lambda: F.conv2d(xl, wl), args.min_run_time)
+            t_fused = timeit(lambda: laudnet_ops.masker_conv1x1(xl, w, b, wm, bm, S, stride), args.min_run_time)
+            t_unf = timeit(lambda: unfused.masker_conv1x1(xl, wl, b, wml, bm, S, stride), args.min_run_time)
+            r = dict(op="masker_conv1x1", layout=layout, shape=f"{N}x{Cin}x{H}x{W}->{Cout}", S=S, stride=stride,
+                     plain_conv_ms=t_plain * 1e3, fused_ms=t_fused * 1e3, unfused_ms=t_unf * 1e3,
+                     **{"fused/plain": t_fused / t_plain, "fused/unfused": t_fused / t_unf})
+            rows.append(r)
+            print(f"  {layout:>13}: plain 1x1 conv {t_plain * 1e3:7.2f} ms | fused {t_fused * 1e3:7.2f} ms | "
+                  f"unfused conv+pool+masker {t_unf * 1e3:7.2f} ms | fused/plain {t_fused / t_plain:.3f} | "
+                  f"fused/unfused {t_fused / t_unf:.3f}")
+            sys.stdout.flush()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
+    parser.add_argument("--only", choices=("gather_conv2d", "masker_conv1x1"), default=None)
+    parser.add_argument("--csv", default=None, help="write every row to this CSV file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
+    rows = []
+    with torch.no_grad():
+        if args.only in (None, "gather_conv2d"):
+            bench_gather_conv(args, rows)
+        if args.only in (None, "masker_conv1x1"):
+            bench_masker(args, rows)
+    if args.csv:
+        keys = sorted({k for r in rows for k in r})
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {args.csv}")
+
+
+if __name__ == "__main__":
+    main()
