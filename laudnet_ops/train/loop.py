@@ -356,10 +356,14 @@ class Trainer:
         return {"val_loss": loss / n, "val_acc": correct / n, "val_activation_rate": rate / n,
                 "val_flops_ratio": flops / n}
 
-    def fit(self) -> dict:
-        """Train the remaining epochs; returns the last epoch's row (also in ``<out>/summary.json``)."""
+    def fit(self, until: Optional[int] = None) -> dict:
+        """Train up to epoch ``until`` (default: all); returns the last epoch's row.
+
+        A finished run also writes ``<out>/summary.json`` and ``<out>/curves.png``.
+        """
         row = self.history[-1] if self.history else {}
-        while self.epoch < self.cfg.epochs:
+        stop = self.cfg.epochs if until is None else min(until, self.cfg.epochs)
+        while self.epoch < stop:
             start = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
             row = {"epoch": self.epoch + 1, "lr": lr, **self.train_epoch(), **self.evaluate(),
@@ -372,7 +376,7 @@ class Trainer:
                 print(self._describe(row), flush=True)
             if self.epoch % self.cfg.save_every == 0 or self.epoch == self.cfg.epochs:
                 self.save()
-        if self.info.is_main and self.history:
+        if self.info.is_main and self.history and self.epoch == self.cfg.epochs:
             self._finish(row)
         return row
 
