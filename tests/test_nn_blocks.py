@@ -13,18 +13,11 @@ from laudnet_ops.nn import (
     set_force_keep,
     stats,
 )
-from laudnet_ops.nn._ops import has_op
-
-MODE_OPS = {
-    "dense": (),
-    "spatial": ("masker_conv1x1", "gather_conv2d", "patch_indices", "scatter_add", "scatter_add_"),
-    "channel": ("channel_gated_conv2d",),
-    "layer": ("sample_gather", "sample_scatter_add", "sample_scatter_add_"),
-}
+from laudnet_ops.nn.blocks import missing_sparse_ops
 
 
 def needs_sparse_ops(mode):
-    missing = [name for name in MODE_OPS[mode] if not has_op(name)]
+    missing = missing_sparse_ops(mode)
     if missing:
         pytest.skip(f"sparse {mode} path needs ops not built here: {missing}")
 
@@ -170,12 +163,23 @@ def test_gradients_reach_the_masker_in_training(kind, mode, granularity):
 
 
 def test_sparse_execution_refuses_training():
-    block = bottleneck("spatial", granularity=2).train()
+    block = bottleneck("dense").train()
     set_execution(block, "sparse")
     with pytest.raises(RuntimeError, match="sparse execution path is for inference"):
         block(torch.randn(1, 16, 4, 4))
     with pytest.raises(ValueError, match="execution must be one of"):
         set_execution(block, "fast")
+
+
+def test_sparse_execution_without_its_ops_is_refused_and_eval_falls_back(monkeypatch):
+    import laudnet_ops.nn.blocks as blocks
+
+    monkeypatch.setattr(blocks, "has_op", lambda name: name != "channel_gated_conv2d")
+    block = bottleneck("channel", granularity=2, force_keep=0.5).eval()
+    with pytest.raises(NotImplementedError, match=r"sparse channel path needs the ops \['channel_gated_conv2d'\]"):
+        set_execution(block, "sparse")
+    assert block.resolved_execution() == "masked"
+    assert bottleneck("dense").eval().resolved_execution() == "sparse"
 
 
 def test_bad_mode_and_granularity():

@@ -23,16 +23,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._ops import op
+from ._ops import has_op, op
 from .folding import FoldedWeights
 from .gather_conv import expand_group_mask, expand_patch_mask
 from .maskers import ChannelMasker, LayerMasker, SpatialMasker
 from .stats import BlockRecord
 
-__all__ = ["DynamicBlock", "DynamicBottleneck", "DynamicRegNetYBlock", "MODES", "EXECUTIONS"]
+__all__ = ["DynamicBlock", "DynamicBottleneck", "DynamicRegNetYBlock", "MODES", "EXECUTIONS", "SPARSE_OPS",
+           "missing_sparse_ops"]
 
 MODES = ("dense", "spatial", "channel", "layer")
 EXECUTIONS = ("masked", "sparse")
+
+# The compiled ops each mode's sparse path calls (dense mode needs none: folded F.conv2d only).
+SPARSE_OPS = {
+    "dense": (),
+    "spatial": ("masker_conv1x1", "patch_indices", "gather_conv2d", "scatter_add", "scatter_add_"),
+    "channel": ("channel_gated_conv2d",),
+    "layer": ("sample_gather", "sample_scatter_add", "sample_scatter_add_"),
+}
+
+
+def missing_sparse_ops(mode: str) -> list:
+    return [name for name in SPARSE_OPS[mode] if not has_op(name)]
 
 
 def _conv_macs(conv: nn.Conv2d, out_hw: tuple) -> float:
@@ -81,7 +94,11 @@ class DynamicBlock(nn.Module):
 
     def resolved_execution(self) -> str:
         if self.execution is None:
-            return "masked" if self.training else "sparse"
+            # Without the compiled ops (a pure-Python install) eval falls back to the masked path,
+            # which gives the same output at dense cost.
+            if self.training or missing_sparse_ops(self.mode):
+                return "masked"
+            return "sparse"
         if self.execution == "sparse" and self.training:
             raise RuntimeError(
                 'the sparse execution path is for inference (batch norm is folded): call model.eval(), '

@@ -128,8 +128,8 @@ def sparsity_loss(model: nn.Module, progress: float, target: Optional[float] = N
     ``target`` defaults to the model's ``target_rate``.
 
     Each block rate is pushed into ``[p t, 1 - p (1 - t)]``, ``p = cos^2(pi/2 * clip(progress /
-    warmup, 0, 1))``, a band that narrows from [0, 1] to the target; the model's FLOPs ratio is pulled
-    to the target.
+    warmup, 0, 1))``: a band that starts at the target and widens to [0, 1] over the warm-up, so
+    blocks may then specialise; the model's FLOPs ratio is always pulled to the target.
     """
     if target is None:
         target = getattr(model, "target_rate", None)
