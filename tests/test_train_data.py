@@ -143,7 +143,7 @@ def test_command_line_trains_on_the_bundled_digits(tmp_path, monkeypatch):
     monkeypatch.delenv(data.FASHION_MNIST_ENV, raising=False)
     row = main(["--dataset", "digits", "--width", "4", "8", "--depth", "1", "1", "--epochs", "1",
                 "--max-steps-per-epoch", "3", "--train-subset", "200", "--val-subset", "60", "--out", str(tmp_path),
-                "--no-progress", "--threads", "2", "--mode", "layer"])
+                "--no-progress", "--threads", "2", "--mode", "channel", "--granularity", "2"])
     assert row["epoch"] == 1 and 0 <= row["val_acc"] <= 1
     for name in ("last.pt", "log.csv", "summary.json"):
         assert (tmp_path / name).is_file()

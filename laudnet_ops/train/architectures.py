@@ -77,7 +77,12 @@ ARCHITECTURES = ("small_laud_resnet", "laud_resnet50", "laud_resnet101", "laud_r
 def build_model(arch: str, mode: str = "dense", granularity=None, target_rate: float = 0.5, num_classes: int = 10,
                 in_channels: int = 3, width: Sequence[int] = (16, 32, 64), depth: Sequence[int] = (1, 2, 2)
                 ) -> nn.Module:
-    """A model by name; ``width``/``depth`` shape the small network, ``in_channels`` must be 3 for the others."""
+    """A model by name; ``width``/``depth`` shape the small network, ``in_channels`` must be 3 for the others.
+
+    ``granularity`` is one value for every stage or one per stage (a 1-tuple counts as one value).
+    """
+    if isinstance(granularity, (tuple, list)) and len(granularity) == 1:
+        granularity = granularity[0]
     if arch == "small_laud_resnet":
         return SmallLaudResNet(tuple(width), tuple(depth), mode, granularity, target_rate,
                                num_classes=num_classes, in_channels=in_channels)

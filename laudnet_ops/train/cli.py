@@ -38,7 +38,7 @@ HELP = {
     "temperature": "T, distillation temperature",
     "amp": "automatic mixed precision (float16 + GradScaler on CUDA, bfloat16 on CPU)",
     "channels_last": "channels_last memory format for the model and the inputs",
-    "eval_execution": "masked (plain PyTorch) or sparse (the compiled kernels) for validation",
+    "eval_execution": "validation path: masked (plain PyTorch), sparse (the compiled kernels) or auto (sparse where built)",
     "resume": "checkpoint to resume from, or 'auto' for <out>/last.pt if it exists",
     "max_steps_per_epoch": "cap on iterations per epoch (0: all), for smoke tests",
     "threads": "torch CPU threads (0: torch's default)",
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, type=int, nargs="+", default=f.default, help=help_text)
         else:
             choices = {"mode": ("dense", "spatial", "channel", "layer"),
-                       "eval_execution": ("masked", "sparse"), "device": ("auto", "cpu", "cuda")}.get(f.name)
+                       "eval_execution": ("masked", "sparse", "auto"), "device": ("auto", "cpu", "cuda")}.get(f.name)
             parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
     return parser
 

@@ -77,7 +77,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = False
     channels_last: bool = False
-    eval_execution: str = "masked"    # "masked" (plain PyTorch) or "sparse" (the compiled kernels)
+    eval_execution: str = "masked"    # "masked" (plain PyTorch), "sparse" (the kernels), "auto" (sparse if built)
     find_unused_parameters: bool = False
     threads: int = 0
     seed: int = 0
@@ -328,13 +328,14 @@ class Trainer:
     def evaluate(self, loader=None) -> dict:
         """Accuracy, cross-entropy, activation rate and FLOPs ratio with deterministic (eval) masks.
 
-        Runs the ``eval_execution`` path: "masked" needs nothing compiled, "sparse" runs the kernels.
+        Runs the ``eval_execution`` path: "masked" needs nothing compiled, "sparse" runs the kernels,
+        "auto" the kernels where this build has them. With hard masks both give the same numbers.
         With several ranks the validation shards are summed (DistributedSampler pads the last shard
         with a few repeated images when the set does not divide evenly).
         """
         loader = loader or self.val_loader
         self.model.eval()
-        set_execution(self.model, self.cfg.eval_execution)
+        set_execution(self.model, None if self.cfg.eval_execution == "auto" else self.cfg.eval_execution)
         sums = [0.0] * 5  # n, loss, correct, rate, flops
         try:
             for images, labels in loader:
@@ -400,7 +401,7 @@ class Trainer:
     def _finish(self, row: dict) -> None:
         summary = {"mode": self.cfg.mode, "arch": self.cfg.arch, "dataset": self.spec.name,
                    "epochs": self.cfg.epochs, "target": self.target if self.dynamic else None,
-                   "seconds": sum(r["seconds"] for r in self.history), **row}
+                   "total_seconds": sum(r["seconds"] for r in self.history), **row}
         summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if self.cfg.plot:
