@@ -147,3 +147,20 @@ def test_command_line_trains_on_the_bundled_digits(tmp_path, monkeypatch):
     assert row["epoch"] == 1 and 0 <= row["val_acc"] <= 1
     for name in ("last.pt", "log.csv", "summary.json"):
         assert (tmp_path / name).is_file()
+
+
+def test_demo_trains_teacher_then_student_and_reports(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    from laudnet_ops.train.demo import run
+
+    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", ())
+    monkeypatch.delenv(data.FASHION_MNIST_ENV, raising=False)
+    report = tmp_path / "report.md"
+    result = run(["--dataset", "digits", "--width", "4", "8", "--depth", "1", "1", "--teacher-epochs", "1",
+                  "--student-epochs", "1", "--train-subset", "200", "--threads", "2", "--out", str(tmp_path),
+                  "--report", str(report), "--extra", "--max-steps-per-epoch", "2", "--val-subset", "50",
+                  "--no-progress", "--no-plot"])
+    assert 0 <= result["teacher_val_acc"] <= 1 and 0 <= result["student_val_acc"] <= 1
+    assert result["target"] == 0.5 and result["student_activation_rate"] > 0
+    text = report.read_text()
+    assert "| static teacher (dense) |" in text and "| dynamic student (spatial) |" in text
