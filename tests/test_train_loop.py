@@ -150,3 +150,17 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_in_sync(tmp_path):
     assert steps0 == steps1 == 96 // (16 * 2)  # each rank saw its half of the data
     assert acc0 == acc1  # validation numbers are reduced over ranks
     assert (tmp_path / "last.pt").is_file() and (tmp_path / "log.csv").is_file()
+
+
+def test_load_weights_takes_plain_and_ddp_prefixed_state_dicts(tmp_path):
+    from laudnet_ops.train.architectures import SmallLaudResNet, load_weights
+
+    dense = SmallLaudResNet((4, 8), (1, 1), "dense")
+    torch.save(dense.state_dict(), tmp_path / "plain.pth")
+    torch.save({"model": {"module." + k: v for k, v in dense.state_dict().items()}}, tmp_path / "ddp.pt")
+    for name in ("plain.pth", "ddp.pt"):
+        student = load_weights(SmallLaudResNet((4, 8), (1, 1), "layer"), str(tmp_path / name))
+        for k, v in dense.state_dict().items():
+            assert torch.equal(student.state_dict()[k], v)
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        load_weights(SmallLaudResNet((4, 8), (1, 1), "dense"), {**dense.state_dict(), "extra.weight": torch.ones(1)})
