@@ -38,7 +38,7 @@ HELP = {
     "temperature": "T, distillation temperature",
     "amp": "automatic mixed precision (float16 + GradScaler on CUDA, bfloat16 on CPU)",
     "channels_last": "channels_last memory format for the model and the inputs",
-    "eval_execution": "validation path: masked (plain PyTorch), sparse (the compiled kernels) or auto (sparse where built)",
+    "eval_execution": "validation path: masked (plain PyTorch), sparse (the kernels), auto (sparse where built)",
     "resume": "checkpoint to resume from, or 'auto' for <out>/last.pt if it exists",
     "max_steps_per_epoch": "cap on iterations per epoch (0: all), for smoke tests",
     "threads": "torch CPU threads (0: torch's default)",
