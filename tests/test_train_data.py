@@ -106,6 +106,9 @@ def test_loader_order_depends_only_on_seed_and_epoch():
     shards = [data.build_loader(dataset, 4, True, rank=r, world_size=2) for r in range(2)]
     seen = [torch.cat([b[0] for b in s]).tolist() for s in shards]
     assert not set(seen[0]) & set(seen[1]) and len(seen[0]) + len(seen[1]) == 40
+    odd = torch.utils.data.TensorDataset(torch.arange(41))
+    val = [torch.cat([b[0] for b in data.build_loader(odd, 8, False, rank=r, world_size=3)]) for r in range(3)]
+    assert sorted(torch.cat(val).tolist()) == list(range(41))  # every image once: no padding
 
 
 def test_csv_log_truncates_on_resume_and_plots(tmp_path):

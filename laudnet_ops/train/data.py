@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-__all__ = ["DataSpec", "FASHION_MNIST_DIRS", "load_fashion_mnist", "load_sklearn_digits", "bundled_dataset",
+__all__ = ["DataSpec", "ShardSampler", "FASHION_MNIST_DIRS", "load_fashion_mnist", "load_sklearn_digits", "bundled_dataset",
            "ImageFolderDataset", "image_folder_dataset", "build_datasets", "build_loader"]
 
 # Where Debian's dataset-fashion-mnist puts the idx files (dpkg -L dataset-fashion-mnist); an environment
@@ -215,15 +215,35 @@ def build_loader(dataset: Dataset, batch_size: int, train: bool, rank: int = 0, 
                  seed: int = 0, workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """A loader whose order depends only on ``seed`` and the epoch (``loader.sampler.set_epoch``).
 
-    A :class:`DistributedSampler` is used even on one process: it gives each rank its shard and makes
-    the shuffle a function of the epoch, which is what lets a resumed run see the same batches.
-    Training drops the last partial batch (batch-norm statistics of one sample are meaningless).
+    Training uses a :class:`DistributedSampler` even on one process: it gives each rank its shard and
+    makes the shuffle a function of the epoch, which is what lets a resumed run see the same batches;
+    it drops the last partial batch (batch-norm statistics of one sample are meaningless).
+    Evaluation uses :class:`ShardSampler`, which splits the set without the padding DistributedSampler
+    adds, so that the metrics summed over ranks count every image exactly once.
     """
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed,
-                                 drop_last=False)
+    if train:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    else:
+        sampler = ShardSampler(len(dataset), rank, world_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin_memory, drop_last=train and len(dataset) // world_size > batch_size,
                       persistent_workers=workers > 0)
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Indices ``rank, rank + world_size, ...``: disjoint shards that together cover the set once."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:  # the same order every epoch
+        pass
 
 
 def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],

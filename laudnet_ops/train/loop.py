@@ -330,8 +330,7 @@ class Trainer:
 
         Runs the ``eval_execution`` path: "masked" needs nothing compiled, "sparse" runs the kernels,
         "auto" the kernels where this build has them. With hard masks both give the same numbers.
-        With several ranks the validation shards are summed (DistributedSampler pads the last shard
-        with a few repeated images when the set does not divide evenly).
+        With several ranks the sums over the disjoint validation shards are added up.
         """
         loader = loader or self.val_loader
         self.model.eval()
