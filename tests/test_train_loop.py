@@ -164,3 +164,19 @@ def test_load_weights_takes_plain_and_ddp_prefixed_state_dicts(tmp_path):
             assert torch.equal(student.state_dict()[k], v)
     with pytest.raises(RuntimeError, match="unexpected keys"):
         load_weights(SmallLaudResNet((4, 8), (1, 1), "dense"), {**dense.state_dict(), "extra.weight": torch.ones(1)})
+
+
+def test_progress_falls_back_to_lines_without_tqdm(monkeypatch, capsys):
+    import sys
+
+    from laudnet_ops.train.loop import _progress
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    bar = _progress(20, "epoch 1/1", disable=False)
+    for _ in range(20):
+        bar.set_postfix_str("loss 0.5")
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 10 and lines[-1] == "epoch 1/1 20/20 loss 0.5"
