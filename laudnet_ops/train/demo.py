@@ -40,7 +40,7 @@ def _args(argv):
     p.add_argument("--student-lr-per-256", type=float, default=0.02)
     p.add_argument("--masker-lr-mult", type=float, default=10.0,
                    help="a few hundred iterations, not 100 ImageNet epochs: the maskers need a faster rate")
-    p.add_argument("--train-subset", type=int, default=20000, help="training images (0: all 60 000)")
+    p.add_argument("--train-subset", type=int, default=12000, help="training images (0: all 60 000)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more trainer options for both phases")
     return p.parse_args(argv)
