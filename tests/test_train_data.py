@@ -146,7 +146,7 @@ def test_command_line_trains_on_the_bundled_digits(tmp_path, monkeypatch):
     monkeypatch.delenv(data.FASHION_MNIST_ENV, raising=False)
     row = main(["--dataset", "digits", "--width", "4", "8", "--depth", "1", "1", "--epochs", "1",
                 "--max-steps-per-epoch", "3", "--train-subset", "200", "--val-subset", "60", "--out", str(tmp_path),
-                "--no-progress", "--threads", "2", "--mode", "channel", "--granularity", "2"])
+                "--no-progress", "--threads", "1", "--mode", "channel", "--granularity", "2"])
     assert row["epoch"] == 1 and 0 <= row["val_acc"] <= 1
     for name in ("last.pt", "log.csv", "summary.json"):
         assert (tmp_path / name).is_file()
@@ -160,7 +160,7 @@ def test_demo_trains_teacher_then_student_and_reports(tmp_path, monkeypatch):
     monkeypatch.delenv(data.FASHION_MNIST_ENV, raising=False)
     report = tmp_path / "report.md"
     result = run(["--dataset", "digits", "--width", "4", "8", "--depth", "1", "1", "--teacher-epochs", "1",
-                  "--student-epochs", "1", "--train-subset", "200", "--threads", "2", "--out", str(tmp_path),
+                  "--student-epochs", "1", "--train-subset", "200", "--threads", "1", "--out", str(tmp_path),
                   "--report", str(report), "--extra", "--max-steps-per-epoch", "2", "--val-subset", "50",
                   "--no-progress", "--no-plot"])
     assert 0 <= result["teacher_val_acc"] <= 1 and 0 <= result["student_val_acc"] <= 1

@@ -24,6 +24,6 @@ def toy_datasets(n_train=96, n_val=32, classes=4, size=8, seed=0):
 
 def tiny_config(tmp_path, **overrides) -> TrainConfig:
     base = dict(arch="small_laud_resnet", width=(4, 8), depth=(1, 1), batch_size=16, epochs=2, lr=0.1,
-                out=str(tmp_path), progress=False, plot=False, threads=2, seed=0, device="cpu")
+                out=str(tmp_path), progress=False, plot=False, threads=1, seed=0, device="cpu")
     base.update(overrides)
     return TrainConfig(**base)
