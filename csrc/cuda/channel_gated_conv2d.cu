@@ -18,16 +18,13 @@
 
 #include "../activation.h"
 #include "../channel_geometry.h"
+#include "launch.cuh"
 
 namespace laudnet_ops {
 namespace {
 
-constexpr int kThreads = 256;
-
-inline int64_t blocks_for(int64_t n) {
-  const int64_t max_blocks = 65535LL * 8;  // grid-stride loops cover the rest
-  return std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks);
-}
+using cuda::blocks_for;
+using cuda::kThreads;
 
 template <typename scalar_t, Activation A, bool kChannelsLast>
 __global__ void channel_conv_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,

@@ -16,16 +16,13 @@
 
 #include "../activation.h"
 #include "sample_table.cuh"
+#include "launch.cuh"
 
 namespace laudnet_ops {
 namespace {
 
-constexpr int kThreads = 256;
-
-inline int64_t blocks_for(int64_t n) {
-  const int64_t max_blocks = 65535LL * 8;  // grid-stride loops cover the rest
-  return std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks);
-}
+using cuda::blocks_for;
+using cuda::kThreads;
 
 #define GRID_STRIDE_LOOP(e, total)                                                        \
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < (total); \

@@ -24,16 +24,13 @@
 
 #include "../activation.h"
 #include "../spatial_conv.h"
+#include "launch.cuh"
 
 namespace laudnet_ops {
 namespace {
 
-constexpr int kThreads = 256;
-
-inline int64_t blocks_for(int64_t n) {
-  const int64_t max_blocks = 65535LL * 8;
-  return std::min<int64_t>((n + kThreads - 1) / kThreads, max_blocks);
-}
+using cuda::blocks_for;
+using cuda::kThreads;
 
 struct LogitStrides {
   int64_t n, m, y, x;
