@@ -382,8 +382,8 @@ def channel_kernels(spec: BlockSpec, n: int, group_size: int, keep: float, dtype
 def _spatial_cpu_kernels(spec: BlockSpec, n: int, s: int, kept: int, hp: int, wp: int, dtype: str,
                          sched: Schedule) -> list[Kernel]:
     """The spatial block on the library's CPU kernels: masker_conv1x1 (conv1 for every input pixel),
-    threshold, patch_indices, gather_conv2d (3x3), the 1x1 conv on the packed patches (a channels_last
-    1x1 conv is one GEMM over all packed pixels), scatter_add_ in place."""
+    threshold, patch_indices, gather_conv2d (3x3), the 1x1 conv on the packed patches, scatter_add_ in
+    place."""
     kernels = ops.masker_conv1x1_cpu(n, spec.cin, spec.width, spec.h, spec.w, dtype)
     if not sched.fuse_epilogue:
         kernels.append(ops.elementwise("masker-threshold", (n, 1, hp, wp), 1, 1, dtype))
@@ -395,7 +395,9 @@ def _spatial_cpu_kernels(spec: BlockSpec, n: int, s: int, kept: int, hp: int, wp
                                      (spec.h, spec.w), n, dtype)
     if spec.se:
         kernels += _se_kernels("", n, spec.width, (kept, spec.width, s, s), spec.se, dtype, sched)
-    kernels.append(ops.conv2d("conv3", 1, spec.width, spec.cout, 1, kept * s * s, 1, 1, dtype=dtype))
+    # F.conv2d on the (P, C, S, S) packed batch: oneDNN runs it image by image, so every patch streams the
+    # weights again (the tile model's per-image weights on a CPU): S = 1 is a matrix-vector product per patch
+    kernels.append(ops.conv2d("conv3", kept, spec.width, spec.cout, s, s, 1, 1, dtype=dtype))
     kernels.append(ops.scatter_add(kept, spec.cout, s, dtype, "nhwc"))
     return kernels
 
@@ -443,10 +445,15 @@ def layer_kernels(spec: BlockSpec, n: int, keep: float, dtype: str = "fp32",
     kernels += _residual_kernels(spec, n, dtype)
     if kept == 0:
         return kernels + _zero_branch_tail(spec, n, dtype, sched.fuse_epilogue)
-    kernels.append(ops.sample_gather(kept, spec.cin, spec.h, spec.w, dtype))
+    if sched.cpu_kernels:  # the CPU kernels are flat, vectorised loops over whole samples
+        kernels.append(ops.sample_gather_cpu(kept, spec.cin, spec.h, spec.w, dtype))
+    else:
+        kernels.append(ops.sample_gather(kept, spec.cin, spec.h, spec.w, dtype))
     kernels += dense_kernels(spec, kept, dtype, sched, residual_epilogue=False)
     row = spec.cout * ho * wo
-    if sched.fuse_scatter:
+    if sched.fuse_scatter and sched.cpu_kernels:
+        kernels.append(ops.sample_scatter_add_cpu(kept, spec.cout, ho, wo, dtype))
+    elif sched.fuse_scatter:
         kernels.append(ops.sample_scatter_add(kept, spec.cout, ho, wo, dtype))
     else:
         kernels.append(ops.gather_rows("residual-gather", kept, row, row, dtype))

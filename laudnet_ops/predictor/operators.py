@@ -303,9 +303,11 @@ def channel_gated_conv2d_cpu(name: str, n: int, cin: int, cout: int, h: int, w: 
     kernels.append(dataclasses.replace(
         _gemm(f"{name}-gemm", n, cout_k, ho * wo, cin_kg * taps, dtype, in_bytes=gemm_in,
               w_bytes=w_full * b, out_bytes=out_dense, weight_per_sample=True), launches=1))
-    if cout_k < cout:  # epilogue from the GEMM's buffer into y, zeros included
+    if cout_k < cout:  # epilogue from the GEMM's buffer into y, zeros included, one run of kept
+        # output channels (and one zero fill) at a time
+        out_run = _run_elems(group_size, keep_out, cout // groups) * b
         kernels.append(_part(elementwise(f"{name}-epilogue", (n, cout, ho, wo), 1, 1, dtype), in_bytes=0.0,
-                             out_bytes=0.0))
+                             out_bytes=0.0, seg_out=out_run))
     return kernels
 
 
@@ -314,3 +316,14 @@ def access_penalty_bytes(run_bytes: float, line: int = 64) -> float:
     if run_bytes <= 0:
         return 1.0
     return max(1.0, math.ceil(run_bytes / line) * line / run_bytes)
+
+
+def sample_gather_cpu(kept: int, c: int, h: int, w: int, dtype: str = "fp32") -> Kernel:
+    """sample_gather on the CPU: one flat parallel loop of contiguous copies of whole samples (a
+    streaming copy, not an index_select)."""
+    return elementwise("sample-gather", (kept, c, h, w), 1, 1, dtype)
+
+
+def sample_scatter_add_cpu(kept: int, c: int, h: int, w: int, dtype: str = "fp32") -> Kernel:
+    """sample_scatter_add_ on the CPU: a streaming add + ReLU over the kept samples' residual rows."""
+    return elementwise("sample-scatter-add", (kept, c, h, w), 2, 2, dtype)

@@ -133,7 +133,11 @@ def _views(kernel: Kernel) -> list[tuple[int, int, int, int]]:
 
 
 @lru_cache(maxsize=4096)
-def _geometry(kernel: Kernel, num_pe: int, lanes: int, max_tile_outputs: int) -> _Geometry:
+def _geometry(kernel: Kernel, num_pe: int, lanes: int, max_tile_outputs: int,
+              per_image_weights: bool = False) -> _Geometry:
+    """``per_image_weights``: a tile spanning several images (P) streams the weights once per image, as
+    CPU convolutions do (oneDNN's and the library's loops put the image outermost), so tiles cannot share
+    a weight load across images; the GPU implicit GEMM spans images freely."""
     parts = []
     b = kernel.dtype_bytes
     for view in _views(kernel):
@@ -160,7 +164,8 @@ def _geometry(kernel: Kernel, num_pe: int, lanes: int, max_tile_outputs: int) ->
             # only its groups' for a grouped one
             cin_t = np.minimum(kernel.cin, np.ceil(ec / cout_g) * cin_g) if kernel.groups > 1 else kernel.cin
             in_tile = ep * cin_t * in1 * in2 * b
-            w_tile = ec * cin_g * kernel.kh * kernel.kw * b * (ep if kernel.weight_per_sample else 1.0)
+            per_image = kernel.weight_per_sample or per_image_weights
+            w_tile = ec * cin_g * kernel.kh * kernel.kw * b * (ep if per_image else 1.0)
             flops_tile = 2.0 * outputs * kernel.macs
         else:
             in_tile = ep * ec * in1 * in2 * b * kernel.n_inputs
@@ -213,7 +218,7 @@ def price(kernel: Kernel, device: Device) -> KernelCost:
 @lru_cache(maxsize=65536)
 def _price_cached(kernel: Kernel, device: Device) -> KernelCost:
     eff: Efficiency = device.efficiency
-    geo = _geometry(kernel, device.num_pe, device.fp32_per_pe, device.max_tile_outputs)
+    geo = _geometry(kernel, device.num_pe, device.fp32_per_pe, device.max_tile_outputs, device.kind == "cpu")
     dram_bw = device.dram_gbs * 1e9 * eff.memory
     pe_onchip_bw = dram_bw * eff.onchip / device.num_pe
     pen_in = access_penalty(kernel.seg_in, device)
