@@ -27,7 +27,7 @@ from . import operators as ops
 from ._util import progress
 from .devices import Device, Efficiency, default_calibration_path
 from .tiles import Kernel, price
-from .timing import measure, resolve_clock
+from .timing import measure, resolve_clock, steady_allocator
 
 #: The constants the fit adjusts; the others (matrix, sync_us) keep their defaults.
 FITTED = ("compute", "simple", "index", "scatter", "memory", "onchip", "segment_bytes", "launch_us", "overlap",
@@ -319,6 +319,7 @@ def calibrate(device: str | None = "cpu", path: str | os.PathLike[str] | None = 
         torch.set_num_threads(threads)
     torch_device, model_device = _target(device)
     benches = microbenchmarks(quick)
+    steady_allocator()  # steady-state latencies, whatever ran before in this process
     fns = [bench.build(torch_device) for bench in benches]
     times: list[list[float]] = [[] for _ in benches]
     for _ in progress(range(rounds), "calibrate rounds", show_progress):

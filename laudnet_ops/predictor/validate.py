@@ -39,7 +39,7 @@ from ._util import progress
 from .blocks import EAGER, LIBRARY_CPU, BlockSpec, block_kernels, with_schedule
 from .devices import get_device
 from .tiles import Kernel, price
-from .timing import measure, resolve_clock
+from .timing import measure, resolve_clock, steady_allocator
 
 STANDIN = "torch stand-in"
 TORCH = "torch"
@@ -484,6 +484,7 @@ def validate(device: str = "cpu", calibration: Any = None, quick: bool = False, 
         base = detect_cuda_device(torch_device)
         model = get_device(base, calibration if calibration is not None else _default_cal(base.name))
     cases = list(cases) if cases is not None else validation_cases(quick, device=torch_device)
+    steady_allocator()  # steady-state latencies, whatever ran before in this process
     runs = [c.build(torch_device) for c in cases]
     # The in-place cases add their branch onto their own input call after call; flushing denormals keeps
     # values that drift towards zero from hitting the slow path (it changes nothing else).
