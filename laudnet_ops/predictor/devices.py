@@ -41,6 +41,10 @@ class Efficiency:
     row_block: output positions along a row that a PE's GEMM inner loop works on at once (CPU
               micro-kernels block over the output width); tiles narrower than this leave lanes idle.
               1 on GPUs, whose implicit GEMM spans images, rows and columns alike.
+    blas:     fraction of FP32 FMA peak reached by GEMMs that go through a BLAS call (``Kernel.blas``: the
+              CPU's MKL sgemm behind ``at::mm`` / ``F.linear``, which the library's channel-gated conv
+              calls per sample); 0 = the same as ``compute``.  On the CPU it is measurably below oneDNN's
+              and the brgemm micro-kernel's rate (csrc/cpu/row_gemm.h: 33.1 vs 24.0 ms on one shape).
     output_ops: per-output-element work of a GEMM kernel besides its multiply-adds (epilogue, stores,
               loop overhead), in MAC equivalents; it dominates convolutions with few input channels.
     """
@@ -58,6 +62,7 @@ class Efficiency:
     overlap: float = 0.5
     row_block: float = 1.0
     output_ops: float = 0.0
+    blas: float = 0.0
 
     def replace(self, **changes: float) -> "Efficiency":
         return dataclasses.replace(self, **changes)

@@ -50,7 +50,7 @@ def linear(name: str, n: int, cin: int, cout: int, dtype: str = "fp32", seg_w: f
     b = DTYPE_BYTES[dtype]
     return Kernel(name=name, out=(n, cout, 1, 1), macs=cin, dtype_bytes=b, dtype=dtype, gemm=True, cin=cin,
                   in_bytes=n * cin * b, w_bytes=cout * cin * b, out_bytes=n * cout * b, seg_w=seg_w,
-                  seg_in=seg_in)
+                  seg_in=seg_in, blas=True)
 
 
 def pool(name: str, n: int, c: int, h: int, w: int, k: int, stride: int, dtype: str = "fp32",
@@ -302,7 +302,7 @@ def channel_gated_conv2d_cpu(name: str, n: int, cin: int, cout: int, h: int, w: 
     out_dense = n * cout * ho * wo * b
     kernels.append(dataclasses.replace(
         _gemm(f"{name}-gemm", n, cout_k, ho * wo, cin_kg * taps, dtype, in_bytes=gemm_in,
-              w_bytes=w_full * b, out_bytes=out_dense, weight_per_sample=True), launches=1))
+              w_bytes=w_full * b, out_bytes=out_dense, weight_per_sample=True), launches=1, blas=True))
     if cout_k < cout:  # epilogue from the GEMM's buffer into y, zeros included, one run of kept
         # output channels (and one zero fill) at a time
         out_run = _run_elems(group_size, keep_out, cout // groups) * b

@@ -68,6 +68,7 @@ class Kernel:
     syncs: int = 0
     patch_views: bool = False
     indexed: str = ""  # "gather" / "scatter": an index-driven copy (priced with that efficiency)
+    blas: bool = False  # a GEMM through a BLAS library call (priced with ``Efficiency.blas`` when set)
 
     @property
     def flops(self) -> float:
@@ -205,7 +206,8 @@ def pe_rate(kernel: Kernel, device: Device) -> float:
         matrix = float(device.matrix_tflops.get(kernel.dtype, 0.0))
         if matrix > 0:  # tensor cores / matrix instructions for FP16 and BF16 GEMMs
             return matrix * 1e12 / device.num_pe * eff.matrix
-        return device.fp32_per_pe * 2.0 * clock * simd * eff.compute
+        fraction = eff.blas if (kernel.blas and eff.blas > 0) else eff.compute
+        return device.fp32_per_pe * 2.0 * clock * simd * fraction
     fraction = {"gather": eff.index, "scatter": eff.scatter}.get(kernel.indexed, eff.simple)
     return device.fp32_per_pe * clock * simd * fraction
 
