@@ -181,7 +181,7 @@ def microbenchmarks(quick: bool = False) -> list[Microbenchmark]:
             a, b = _randn(m, k, device=dev), _randn(k, n, device=dev)
             return lambda: torch.mm(a, b)
         return Microbenchmark(f"mm-{m}x{k}x{n}", build,
-                              lambda: [ops.linear("mm", m, k, n)])
+                              lambda: [ops.blas_gemm(m, k, n)])
 
     def relu(numel: int) -> Microbenchmark:
         def build(dev: str):

@@ -42,9 +42,9 @@ class Efficiency:
               micro-kernels block over the output width); tiles narrower than this leave lanes idle.
               1 on GPUs, whose implicit GEMM spans images, rows and columns alike.
     blas:     fraction of FP32 FMA peak reached by GEMMs that go through a BLAS call (``Kernel.blas``: the
-              CPU's MKL sgemm behind ``at::mm`` / ``F.linear``, which the library's channel-gated conv
-              calls per sample); 0 = the same as ``compute``.  On the CPU it is measurably below oneDNN's
-              and the brgemm micro-kernel's rate (csrc/cpu/row_gemm.h: 33.1 vs 24.0 ms on one shape).
+              CPU's MKL sgemm behind ``at::mm``, which the library's channel-gated conv calls per
+              sample); 0 = the same as ``compute``.  On the CPU it is measurably below oneDNN's and the
+              brgemm micro-kernel's rate (csrc/cpu/row_gemm.h: 33.1 vs 24.0 ms on one shape).
     output_ops: per-output-element work of a GEMM kernel besides its multiply-adds (epilogue, stores,
               loop overhead), in MAC equivalents; it dominates convolutions with few input channels.
     """

@@ -50,7 +50,7 @@ def linear(name: str, n: int, cin: int, cout: int, dtype: str = "fp32", seg_w: f
     b = DTYPE_BYTES[dtype]
     return Kernel(name=name, out=(n, cout, 1, 1), macs=cin, dtype_bytes=b, dtype=dtype, gemm=True, cin=cin,
                   in_bytes=n * cin * b, w_bytes=cout * cin * b, out_bytes=n * cout * b, seg_w=seg_w,
-                  seg_in=seg_in, blas=True)
+                  seg_in=seg_in)
 
 
 def pool(name: str, n: int, c: int, h: int, w: int, k: int, stride: int, dtype: str = "fp32",
@@ -208,6 +208,13 @@ def sample_scatter_add(kept: int, c: int, h: int, w: int, dtype: str = "fp32",
 def _part(kernel: Kernel, **changes) -> Kernel:
     """A piece of work inside an op call (no dispatch of its own)."""
     return dataclasses.replace(kernel, launches=0, **changes)
+
+
+def blas_gemm(m: int, k: int, n: int, dtype: str = "fp32") -> Kernel:
+    """A plain BLAS GEMM ``(m x k) . (k x n)`` (torch.mm), priced like the library's per-sample GEMMs."""
+    b = DTYPE_BYTES[dtype]
+    return dataclasses.replace(_gemm("mm", 1, n, m, k, dtype, in_bytes=m * k * b, w_bytes=k * n * b,
+                                     out_bytes=m * n * b), blas=True)
 
 
 def _gemm(name: str, rows_p: int, cout: int, rows: int, k_elems: float, dtype: str, in_bytes: float,
