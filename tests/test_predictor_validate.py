@@ -144,3 +144,14 @@ def test_cpu_channel_conv_writes_a_dense_output_and_conv1_stays_dense_in_spatial
     sp = block_kernels(spec, "spatial", 4, 0.25, 4, "fp32", LIBRARY_CPU)
     masker = next(k for k in sp if k.name == "masker-conv1x1")
     assert masker.flops == 2 * 4 * 64 * 28 * 28 * 256  # conv1 over every input pixel
+
+
+def test_blas_gemms_use_their_own_efficiency():
+    from laudnet_ops.predictor import operators as ops
+    from laudnet_ops.predictor.tiles import price
+
+    host = get_device("host", calibration=False)
+    k = ops.blas_gemm(512, 256, 64)
+    same = price(k, host.replace(efficiency=host.efficiency.replace(blas=0.0)))
+    slow = price(k, host.replace(efficiency=host.efficiency.replace(blas=host.efficiency.compute / 2)))
+    assert slow.compute == pytest.approx(2 * same.compute)  # 0 = the convolutions' efficiency
