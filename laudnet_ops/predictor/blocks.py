@@ -384,7 +384,7 @@ def _spatial_cpu_kernels(spec: BlockSpec, n: int, s: int, kept: int, hp: int, wp
     """The spatial block on the library's CPU kernels: masker_conv1x1 (conv1 for every input pixel),
     threshold, patch_indices, gather_conv2d (3x3), the 1x1 conv on the packed patches, scatter_add_ in
     place."""
-    kernels = ops.masker_conv1x1_cpu(n, spec.cin, spec.width, spec.h, spec.w, dtype)
+    kernels = ops.masker_conv1x1_cpu(n, spec.cin, spec.width, spec.h, spec.w, dtype, s, spec.stride)
     if not sched.fuse_epilogue:
         kernels.append(ops.elementwise("masker-threshold", (n, 1, hp, wp), 1, 1, dtype))
     kernels.append(ops.patch_indices(n, hp, wp, kept))

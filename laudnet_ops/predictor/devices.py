@@ -82,6 +82,8 @@ class Device:
     onchip_bytes: int  # on-chip global memory: GPU L2, CPU last-level cache
     pe_mem_bytes: int  # memory inside a PE: GPU shared memory per SM, CPU L2 per core
     txn_bytes: int = 32  # smallest memory transaction: 32-byte GPU sector, 64-byte CPU cache line
+    #: cycles between dependent floating-point adds (x86 FP add latency: 3-4): a serial reduction's pace
+    chain_cycles: float = 3.0
     #: Dense matrix-unit rates in TFLOP/s per dtype (tensor cores; CPU bf16 dot-product instructions).
     matrix_tflops: Mapping[str, float] = field(default_factory=dict)
     #: Non-matrix throughput of a dtype relative to FP32 (packed half2 math on GPUs).
@@ -107,7 +109,7 @@ class Device:
 
     def __hash__(self) -> int:  # the mapping fields are dicts; hash their items so prices can be cached
         return hash((self.name, self.kind, self.num_pe, self.fp32_per_pe, self.clock_mhz, self.dram_gbs,
-                     self.onchip_bytes, self.pe_mem_bytes, self.txn_bytes,
+                     self.onchip_bytes, self.pe_mem_bytes, self.txn_bytes, self.chain_cycles,
                      tuple(sorted(self.matrix_tflops.items())), tuple(sorted(self.simd_factor.items())),
                      self.efficiency))
 

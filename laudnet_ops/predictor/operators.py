@@ -228,12 +228,19 @@ def _gemm(name: str, rows_p: int, cout: int, rows: int, k_elems: float, dtype: s
                   weight_per_sample=weight_per_sample)
 
 
-def masker_conv1x1_cpu(n: int, cin: int, cout: int, h: int, w: int, dtype: str = "fp32") -> list[Kernel]:
+def masker_conv1x1_cpu(n: int, cin: int, cout: int, h: int, w: int, dtype: str = "fp32", patch: int = 1,
+                       stride: int = 1, masks: int = 1) -> list[Kernel]:
     """masker_conv1x1 on the CPU (channels_last): per band chunk one GEMM writes y (bias + ReLU in place),
     then x's pixels, still in L2, are summed into their mask cells (Cin adds per pixel) and one dot
-    product per cell gives the logit.  conv1 is computed densely for every input pixel."""
+    product per cell gives the logit.  conv1 is computed densely for every input pixel.  The dot products
+    are scalar reductions over Cin (one dependent chain per cell and mask channel): negligible at large S,
+    a real cost at S = 1, where every pixel is a cell."""
+    window = patch * stride
+    cells = n * math.ceil(h / window) * math.ceil(w / window)
     return [conv2d("masker-conv1x1", n, cin, cout, h, w, 1, 1, dtype=dtype),
-            _part(elementwise("masker-cell-sums", (n, cin, h, w), 1, 1, dtype), in_bytes=0.0, out_bytes=0.0)]
+            _part(elementwise("masker-cell-sums", (n, cin, h, w), 1, 1, dtype), in_bytes=0.0, out_bytes=0.0),
+            _part(Kernel(name="masker-cell-dots", out=(cells, masks, 1, 1), macs=0.0, dtype_bytes=DTYPE_BYTES[dtype],
+                         dtype=dtype, serial_ops=cin))]
 
 
 def gather_conv2d_cpu(patches: int, cin: int, cout: int, patch: int, k: int, stride: int, groups: int,

@@ -69,6 +69,9 @@ class Kernel:
     patch_views: bool = False
     indexed: str = ""  # "gather" / "scatter": an index-driven copy (priced with that efficiency)
     blas: bool = False  # a GEMM through a BLAS library call (priced with ``Efficiency.blas`` when set)
+    #: per output element, operations that form one dependent chain (a scalar float reduction the
+    #: compiler may not reorder): each waits for the previous one, ``Device.chain_cycles`` apart
+    serial_ops: float = 0.0
 
     @property
     def flops(self) -> float:
@@ -253,7 +256,9 @@ def _price_cached(kernel: Kernel, device: Device) -> KernelCost:
     t_dram = dram_bytes / dram_bw
 
     launch = kernel.launches * eff.launch_us * 1e-6 + kernel.syncs * eff.sync_us * 1e-6
-    total = launch + combine(t_onchip, t_dram, eff.overlap)
+    p, c, s1, s2 = kernel.out
+    chains = math.ceil(p * c * s1 * s2 / device.num_pe) * kernel.serial_ops * device.chain_cycles / clock_hz(device)
+    total = launch + combine(t_onchip, t_dram, eff.overlap) + chains
     best = int(np.argmin(total))
     t_compute_total = float(geo.waves[best] * t_compute_tile[best])
     return KernelCost(
@@ -263,6 +268,10 @@ def _price_cached(kernel: Kernel, device: Device) -> KernelCost:
         onchip=float(geo.waves[best] * t_move_tile[best]), dram=float(t_dram[best]), launch=launch,
         flops=kernel.flops, dram_bytes=float(dram_bytes[best]),
     )
+
+
+def clock_hz(device: Device) -> float:
+    return device.clock_mhz * 1e6
 
 
 def clear_caches() -> None:
