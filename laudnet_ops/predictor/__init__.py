@@ -9,7 +9,7 @@ and prices data movement and computation, then sums kernels into blocks and netw
     print(net.dense * 1e3, net.dynamic * 1e3, net.speedup)
 """
 
-from .blocks import EAGER, FUSED, MODES, UNFUSED, BlockLatency, BlockSpec, Schedule, predict_block
+from .blocks import EAGER, FUSED, LIBRARY_CPU, MODES, UNFUSED, BlockLatency, BlockSpec, Schedule, predict_block
 from .calibrate import Calibration, apply_calibration, calibrate, load_calibration
 from .devices import (PAPER_DEVICES, Device, Efficiency, calibration_dir, get_device, known_devices,
                       load_devices, register_device)
@@ -20,7 +20,7 @@ from .tiles import Kernel, KernelCost, price
 from .validate import ValidationReport, spearman, validate
 
 __all__ = [
-    "BlockLatency", "BlockSpec", "Calibration", "Device", "EAGER", "Efficiency", "FUSED", "Kernel",
+    "BlockLatency", "BlockSpec", "Calibration", "Device", "EAGER", "Efficiency", "FUSED", "Kernel", "LIBRARY_CPU",
     "KernelCost", "MODES", "NetworkLatency", "PAPER_DEVICES", "Recommendation", "Schedule", "UNFUSED",
     "ValidationReport", "apply_calibration", "calibrate", "calibration_dir", "get_device", "get_model",
     "known_devices", "known_models", "latency_curves", "load_calibration", "load_devices", "network_flops",

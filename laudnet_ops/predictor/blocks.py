@@ -69,6 +69,10 @@ class Schedule:
                    PyTorch eager mode runs them).
     shared_gates:  channel mode with gates shared by the batch: weights sliced once, then dense convs.
     layout:        "nchw" or "nhwc" (decides the length of scattered accesses).
+    cpu_kernels:   price the library's ops as its CPU kernels run them (csrc/cpu): conv1 dense for every
+                   pixel with the masker's cell sums from cache, gather-conv as per-position receptive-field
+                   copies + GEMM, channel-gated convs per sample (weight slices, packed active channels,
+                   dense-size output).  ``predict_block`` sets it for CPU devices.
     """
 
     fuse_masker: bool = True
@@ -77,6 +81,7 @@ class Schedule:
     fuse_epilogue: bool = True
     shared_gates: bool = False
     layout: str = "nchw"
+    cpu_kernels: bool = False
 
 
 FUSED = Schedule()
@@ -84,6 +89,11 @@ UNFUSED = Schedule(fuse_masker=False, fuse_gather=False, fuse_scatter=False)
 #: What plain PyTorch eager code runs (used by ``validate``'s torch stand-ins).
 EAGER = Schedule(fuse_masker=True, fuse_gather=False, fuse_scatter=False, fuse_epilogue=False,
                  shared_gates=True, layout="nhwc")
+#: The library's ops on the CPU, glued by PyTorch eager code (``validate``'s library cases): the ops fuse
+#: their own activations; thresholds, masker activations and the channel block's residual add and ReLU
+#: are separate eager kernels.
+LIBRARY_CPU = Schedule(fuse_masker=True, fuse_gather=True, fuse_scatter=True, fuse_epilogue=False,
+                       shared_gates=False, layout="nhwc", cpu_kernels=True)
 
 
 @dataclass
@@ -248,6 +258,8 @@ def spatial_kernels(spec: BlockSpec, n: int, patch: int, keep: float, dtype: str
     hp, wp = math.ceil(ho / s), math.ceil(wo / s)
     kept = _count(keep, n * hp * wp)
     fe, nhwc = sched.fuse_epilogue, sched.layout == "nhwc"
+    if sched.cpu_kernels and sched.fuse_masker and sched.fuse_gather and sched.fuse_scatter:
+        return _spatial_cpu_kernels(spec, n, s, kept, hp, wp, dtype, sched)
     kernels: list[Kernel] = []
     if sched.fuse_masker:
         kernels.append(ops.masker_conv1x1(n, spec.cin, spec.width, spec.h, spec.w, dtype))
@@ -316,6 +328,8 @@ def channel_kernels(spec: BlockSpec, n: int, group_size: int, keep: float, dtype
         kernels += [_relu("masker-relu", (n, hidden, 1, 1), dtype),
                     ops.elementwise("masker-threshold", (n, groups_total, 1, 1), 1, 1, dtype)]
     kernels += _residual_kernels(spec, n, dtype)
+    if sched.cpu_kernels and not sched.shared_gates:
+        return kernels + _channel_cpu_kernels(spec, n, g, kept_c, dtype, sched)
     # the grouped 3x3 keeps its group count; each group keeps ~keep of its channels
     conv_groups = spec.groups
     if sched.shared_gates:
@@ -365,6 +379,51 @@ def channel_kernels(spec: BlockSpec, n: int, group_size: int, keep: float, dtype
     return kernels
 
 
+def _spatial_cpu_kernels(spec: BlockSpec, n: int, s: int, kept: int, hp: int, wp: int, dtype: str,
+                         sched: Schedule) -> list[Kernel]:
+    """The spatial block on the library's CPU kernels: masker_conv1x1 (conv1 for every input pixel),
+    threshold, patch_indices, gather_conv2d (3x3), the 1x1 conv on the packed patches, scatter_add_ in
+    place."""
+    kernels = ops.masker_conv1x1_cpu(n, spec.cin, spec.width, spec.h, spec.w, dtype, s, spec.stride)
+    if not sched.fuse_epilogue:
+        kernels.append(ops.elementwise("masker-threshold", (n, 1, hp, wp), 1, 1, dtype))
+    kernels.append(ops.patch_indices(n, hp, wp, kept))
+    kernels += _residual_kernels(spec, n, dtype)
+    if kept == 0:
+        return kernels
+    kernels += ops.gather_conv2d_cpu(kept, spec.width, spec.width, s, 3, spec.stride, spec.groups,
+                                     (spec.h, spec.w), n, dtype)
+    if spec.se:
+        kernels += _se_kernels("", n, spec.width, (kept, spec.width, s, s), spec.se, dtype, sched)
+    # F.conv2d on the (P, C, S, S) packed batch: oneDNN runs it image by image, so every patch streams the
+    # weights again (the tile model's per-image weights on a CPU): S = 1 is a matrix-vector product per patch
+    kernels.append(ops.conv2d("conv3", kept, spec.width, spec.cout, s, s, 1, 1, dtype=dtype))
+    kernels.append(ops.scatter_add(kept, spec.cout, s, dtype, "nhwc"))
+    return kernels
+
+
+def _channel_cpu_kernels(spec: BlockSpec, n: int, g: int, kept_c: int, dtype: str,
+                         sched: Schedule) -> list[Kernel]:
+    """The channel block on the library's CPU channel_gated_conv2d (per-sample gates), then the residual
+    add and ReLU (the op has no residual input)."""
+    ho, wo = spec.ho, spec.wo
+    keep = kept_c / spec.width
+    kernels = ops.channel_gated_conv2d_cpu("conv1", n, spec.cin, spec.width, spec.h, spec.w, 1, 1, 1, g,
+                                           1.0, keep, dtype)
+    kernels += ops.channel_gated_conv2d_cpu("conv2", n, spec.width, spec.width, spec.h, spec.w, 3, spec.stride,
+                                            spec.groups, g, keep, keep, dtype)
+    if spec.se:
+        kernels += _se_kernels("", n, spec.width, (n, spec.width, ho, wo), spec.se, dtype, sched)
+    kernels += ops.channel_gated_conv2d_cpu("conv3", n, spec.width, spec.cout, ho, wo, 1, 1, 1, g,
+                                            keep, 1.0, dtype)
+    if sched.fuse_epilogue:
+        kernels.append(ops.elementwise("add-relu", (n, spec.cout, ho, wo), 2, 2, dtype))
+    else:
+        kernels += [ops.elementwise("add", (n, spec.cout, ho, wo), 2, 1, dtype),
+                    _relu("relu3", (n, spec.cout, ho, wo), dtype)]
+    return kernels
+
+
 def _zero_branch_tail(spec: BlockSpec, n: int, dtype: str, fused_epilogue: bool) -> list[Kernel]:
     """Every channel skipped: the block's output is ReLU(residual), one element-wise pass (unless the
     residual is the block input, already non-negative, and nothing has to run)."""
@@ -386,10 +445,15 @@ def layer_kernels(spec: BlockSpec, n: int, keep: float, dtype: str = "fp32",
     kernels += _residual_kernels(spec, n, dtype)
     if kept == 0:
         return kernels + _zero_branch_tail(spec, n, dtype, sched.fuse_epilogue)
-    kernels.append(ops.sample_gather(kept, spec.cin, spec.h, spec.w, dtype))
+    if sched.cpu_kernels:  # the CPU kernels are flat, vectorised loops over whole samples
+        kernels.append(ops.sample_gather_cpu(kept, spec.cin, spec.h, spec.w, dtype))
+    else:
+        kernels.append(ops.sample_gather(kept, spec.cin, spec.h, spec.w, dtype))
     kernels += dense_kernels(spec, kept, dtype, sched, residual_epilogue=False)
     row = spec.cout * ho * wo
-    if sched.fuse_scatter:
+    if sched.fuse_scatter and sched.cpu_kernels:
+        kernels.append(ops.sample_scatter_add_cpu(kept, spec.cout, ho, wo, dtype))
+    elif sched.fuse_scatter:
         kernels.append(ops.sample_scatter_add(kept, spec.cout, ho, wo, dtype))
     else:
         kernels.append(ops.gather_rows("residual-gather", kept, row, row, dtype))
@@ -432,6 +496,8 @@ def predict_block(spec: BlockSpec, device: Device, mode: str, rate: float, granu
         raise ValueError(f"granularity must be >= 1, got {granularity!r}")
     dtype = normalize_dtype(dtype)
     rate = check_rate(rate)
+    if device.kind == "cpu" and not schedule.cpu_kernels:
+        schedule = with_schedule(schedule, cpu_kernels=True)
     keep = rate if rate_kind == "keep" else keep_for_rate(spec, mode, rate, granularity)
     dense_costs = [price(k, device) for k in dense_kernels(spec, batch, dtype, schedule)]
     if mode == "dense":

@@ -27,15 +27,15 @@ from . import operators as ops
 from ._util import progress
 from .devices import Device, Efficiency, default_calibration_path
 from .tiles import Kernel, price
-from .timing import measure, resolve_clock
+from .timing import measure, resolve_clock, steady_allocator
 
 #: The constants the fit adjusts; the others (matrix, sync_us) keep their defaults.
 FITTED = ("compute", "simple", "index", "scatter", "memory", "onchip", "segment_bytes", "launch_us", "overlap",
-          "row_block", "output_ops")
+          "row_block", "output_ops", "blas")
 # compute may exceed 1: detected clocks are base clocks and turbo runs faster
 _BOUNDS = {"compute": (0.01, 2.0), "simple": (0.005, 2.0), "index": (0.001, 2.0), "scatter": (0.001, 2.0), "memory": (0.05, 4.0), "onchip": (0.5, 64.0),
            "segment_bytes": (0.0, 4096.0), "launch_us": (0.1, 200.0), "overlap": (0.0, 1.0),
-           "row_block": (1.0, 64.0), "output_ops": (0.0, 1024.0)}
+           "row_block": (1.0, 64.0), "output_ops": (0.0, 1024.0), "blas": (0.01, 2.0)}
 
 
 @dataclass
@@ -175,6 +175,14 @@ def microbenchmarks(quick: bool = False) -> list[Microbenchmark]:
             return lambda: F.linear(x, w)
         return Microbenchmark(f"linear-{n}x{cin}->{cout}", build, lambda: [ops.linear("fc", n, cin, cout)])
 
+    def mm(m: int, k: int, n: int) -> Microbenchmark:
+        """A BLAS GEMM (torch.mm: MKL sgemm on the CPU), an (m x k) . (k x n) product."""
+        def build(dev: str):
+            a, b = _randn(m, k, device=dev), _randn(k, n, device=dev)
+            return lambda: torch.mm(a, b)
+        return Microbenchmark(f"mm-{m}x{k}x{n}", build,
+                              lambda: [ops.blas_gemm(m, k, n)])
+
     def relu(numel: int) -> Microbenchmark:
         def build(dev: str):
             x = _randn(numel, device=dev)
@@ -198,6 +206,7 @@ def microbenchmarks(quick: bool = False) -> list[Microbenchmark]:
         index_select(65536, 64, 30000), index_select(262144, 4, 100000), index_select(12, 60000, 5),
         index_copy(65536, 96, 20000), index_copy(12, 60000, 5), index_copy(262144, 8, 50000),
         global_pool(8, 256, 14), linear(32, 512, 256), nonzero(8 * 14 * 14),
+        mm(3000, 288, 40), mm(1200, 640, 24), mm(500, 96, 160),
     ]
 
 
@@ -207,6 +216,8 @@ def _to_vector(eff: Efficiency) -> np.ndarray:
     vals = []
     for name in FITTED:
         v = getattr(eff, name)
+        if name == "blas" and v <= 0:  # unset: start from the convolutions' efficiency
+            v = eff.compute
         if name == "overlap":  # logit keeps it inside (0, 1)
             v = min(max(v, 1e-3), 1 - 1e-3)
             vals.append(math.log(v / (1 - v)))
@@ -319,6 +330,7 @@ def calibrate(device: str | None = "cpu", path: str | os.PathLike[str] | None = 
         torch.set_num_threads(threads)
     torch_device, model_device = _target(device)
     benches = microbenchmarks(quick)
+    steady_allocator()  # steady-state latencies, whatever ran before in this process
     fns = [bench.build(torch_device) for bench in benches]
     times: list[list[float]] = [[] for _ in benches]
     for _ in progress(range(rounds), "calibrate rounds", show_progress):

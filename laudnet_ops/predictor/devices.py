@@ -41,6 +41,10 @@ class Efficiency:
     row_block: output positions along a row that a PE's GEMM inner loop works on at once (CPU
               micro-kernels block over the output width); tiles narrower than this leave lanes idle.
               1 on GPUs, whose implicit GEMM spans images, rows and columns alike.
+    blas:     fraction of FP32 FMA peak reached by GEMMs that go through a BLAS call (``Kernel.blas``: the
+              CPU's MKL sgemm behind ``at::mm``, which the library's channel-gated conv calls per
+              sample); 0 = the same as ``compute``.  On the CPU it is measurably below oneDNN's and the
+              brgemm micro-kernel's rate (csrc/cpu/row_gemm.h: 33.1 vs 24.0 ms on one shape).
     output_ops: per-output-element work of a GEMM kernel besides its multiply-adds (epilogue, stores,
               loop overhead), in MAC equivalents; it dominates convolutions with few input channels.
     """
@@ -58,6 +62,7 @@ class Efficiency:
     overlap: float = 0.5
     row_block: float = 1.0
     output_ops: float = 0.0
+    blas: float = 0.0
 
     def replace(self, **changes: float) -> "Efficiency":
         return dataclasses.replace(self, **changes)
@@ -77,6 +82,8 @@ class Device:
     onchip_bytes: int  # on-chip global memory: GPU L2, CPU last-level cache
     pe_mem_bytes: int  # memory inside a PE: GPU shared memory per SM, CPU L2 per core
     txn_bytes: int = 32  # smallest memory transaction: 32-byte GPU sector, 64-byte CPU cache line
+    #: cycles between dependent floating-point adds (x86 FP add latency: 3-4): a serial reduction's pace
+    chain_cycles: float = 3.0
     #: Dense matrix-unit rates in TFLOP/s per dtype (tensor cores; CPU bf16 dot-product instructions).
     matrix_tflops: Mapping[str, float] = field(default_factory=dict)
     #: Non-matrix throughput of a dtype relative to FP32 (packed half2 math on GPUs).
@@ -102,7 +109,7 @@ class Device:
 
     def __hash__(self) -> int:  # the mapping fields are dicts; hash their items so prices can be cached
         return hash((self.name, self.kind, self.num_pe, self.fp32_per_pe, self.clock_mhz, self.dram_gbs,
-                     self.onchip_bytes, self.pe_mem_bytes, self.txn_bytes,
+                     self.onchip_bytes, self.pe_mem_bytes, self.txn_bytes, self.chain_cycles,
                      tuple(sorted(self.matrix_tflops.items())), tuple(sorted(self.simd_factor.items())),
                      self.efficiency))
 

@@ -8,6 +8,7 @@ model charges for, so small patches (S) and small channel groups (G) pay for sho
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from ._util import DTYPE_BYTES, choice_error
@@ -196,3 +197,147 @@ def sample_scatter_add(kept: int, c: int, h: int, w: int, dtype: str = "fp32",
     """Layer skipping: add the kept samples' block output onto their residual rows (activation fused)."""
     return scatter_rows("sample-scatter-add", kept, c * h * w, c * h * w, dtype, accumulate=True,
                         activation=activation)
+
+
+# --- the library's CPU kernels, as they actually run (csrc/cpu/*.cpp) -----------------------------------------
+#
+# The CPU kernels differ from the GPU picture above in what they move and compute, so the host prices
+# these lists instead (``Schedule.cpu_kernels``).  Work inside one op call is priced with ``launches=0``
+# parts: only the op itself pays the dispatch cost.
+
+def _part(kernel: Kernel, **changes) -> Kernel:
+    """A piece of work inside an op call (no dispatch of its own)."""
+    return dataclasses.replace(kernel, launches=0, **changes)
+
+
+def blas_gemm(m: int, k: int, n: int, dtype: str = "fp32") -> Kernel:
+    """A plain BLAS GEMM ``(m x k) . (k x n)`` (torch.mm), priced like the library's per-sample GEMMs."""
+    b = DTYPE_BYTES[dtype]
+    return dataclasses.replace(_gemm("mm", 1, n, m, k, dtype, in_bytes=m * k * b, w_bytes=k * n * b,
+                                     out_bytes=m * n * b), blas=True)
+
+
+def _gemm(name: str, rows_p: int, cout: int, rows: int, k_elems: float, dtype: str, in_bytes: float,
+          w_bytes: float, out_bytes: float, weight_per_sample: bool = False) -> Kernel:
+    """A row-major GEMM ``(rows_p x rows) x k_elems . k_elems x cout`` over an already packed A operand:
+    output space ``(rows_p, cout, 1, rows)`` (``rows`` output positions per item, flattened, as the
+    micro-kernels see them)."""
+    b = DTYPE_BYTES[dtype]
+    return Kernel(name=name, out=(rows_p, cout, 1, rows), macs=k_elems, dtype_bytes=b, dtype=dtype, gemm=True,
+                  cin=max(1, int(round(k_elems))), in_bytes=in_bytes, w_bytes=w_bytes, out_bytes=out_bytes,
+                  weight_per_sample=weight_per_sample)
+
+
+def masker_conv1x1_cpu(n: int, cin: int, cout: int, h: int, w: int, dtype: str = "fp32", patch: int = 1,
+                       stride: int = 1, masks: int = 1) -> list[Kernel]:
+    """masker_conv1x1 on the CPU (channels_last): per band chunk one GEMM writes y (bias + ReLU in place),
+    then x's pixels, still in L2, are summed into their mask cells (Cin adds per pixel) and one dot
+    product per cell gives the logit.  conv1 is computed densely for every input pixel.  The dot products
+    are scalar reductions over Cin (one dependent chain per cell and mask channel): negligible at large S,
+    a real cost at S = 1, where every pixel is a cell."""
+    window = patch * stride
+    cells = n * math.ceil(h / window) * math.ceil(w / window)
+    return [conv2d("masker-conv1x1", n, cin, cout, h, w, 1, 1, dtype=dtype),
+            _part(elementwise("masker-cell-sums", (n, cin, h, w), 1, 1, dtype), in_bytes=0.0, out_bytes=0.0),
+            _part(Kernel(name="masker-cell-dots", out=(cells, masks, 1, 1), macs=0.0, dtype_bytes=DTYPE_BYTES[dtype],
+                         dtype=dtype, serial_ops=cin))]
+
+
+def gather_conv2d_cpu(patches: int, cin: int, cout: int, patch: int, k: int, stride: int, groups: int,
+                      src_hw: tuple[int, int], n: int, dtype: str = "fp32") -> list[Kernel]:
+    """gather_conv2d on the CPU: the weight is reordered once per call; chunks of ~256 output positions
+    copy their receptive fields (k*k runs of Cin/groups channels per position: the halo is re-read for
+    every position, whatever S is) into an L2-sized tile buffer, and one GEMM per group writes the packed
+    output (ReLU in its epilogue).  DRAM sees the map's needed windows once."""
+    b = DTYPE_BYTES[dtype]
+    rows = patches * patch * patch
+    window = (patch - 1) * stride + k
+    full = n * cin * src_hw[0] * src_hw[1] * b
+    unique_in = min(full, patches * cin * window * window * b)
+    taps = k * k
+    cg = cin // groups
+    w_elems = cout * cg * taps
+    gather = Kernel(name="gather-conv-tiles", out=(rows * taps, 1, 1, cin), macs=1, dtype_bytes=b, dtype=dtype,
+                    in_bytes=unique_in, other_bytes=patches * 3 * INDEX_BYTES, seg_in=cg * b,
+                    indexed="gather", launches=0)
+    return [
+        _part(elementwise("gather-conv-weight", (1, 1, 1, w_elems), 1, 1, dtype)),
+        gather,
+        dataclasses.replace(_gemm("gather-conv-gemm", groups, cout // groups, rows, cg * taps, dtype,
+                                  in_bytes=0.0, w_bytes=w_elems * b, out_bytes=rows * cout * b), launches=1),
+    ]
+
+
+def _run_elems(group_size: int, keep: float, total: int) -> float:
+    """Mean length (elements) of a run of consecutive kept channels when groups of ``group_size`` are kept
+    independently with probability ``keep``: adjacent kept groups merge into one copy."""
+    if keep >= 1.0:
+        return float(total)
+    return min(float(total), group_size / max(1e-6, 1.0 - keep))
+
+
+def channel_gated_conv2d_cpu(name: str, n: int, cin: int, cout: int, h: int, w: int, k: int, stride: int,
+                             groups: int, group_size: int, keep_in: float, keep_out: float,
+                             dtype: str = "fp32", padding: int | None = None) -> list[Kernel]:
+    """channel_gated_conv2d on the CPU (channels_last), per sample: the weight is reordered once per call;
+    each sample gathers its weight slice (active outputs x active input runs per tap); each tile of
+    output pixels im2col-packs the active input channel runs (not for a 1x1 conv reading every input
+    channel: the GEMM reads x directly); one MKL GEMM per (sample, tile) computes the active outputs; with
+    some outputs off the epilogue writes every output channel of y (zeros for the inactive ones), so
+    the output bytes stay dense."""
+    b = DTYPE_BYTES[dtype]
+    ho, wo = conv_out(h, k, stride, padding), conv_out(w, k, stride, padding)
+    cin_k = min(cin, max(0, int(round(keep_in * cin))))
+    cout_k = min(cout, max(0, int(round(keep_out * cout))))
+    taps = k * k
+    cin_g, cin_kg = cin // groups, cin_k // groups
+    w_full = cout * cin_g * taps
+    kernels = [_part(elementwise(f"{name}-weight-reorder", (1, 1, 1, w_full), 1, 1, dtype))]
+    if cout_k == 0 or cin_k == 0:  # nothing to multiply: y is zeros (or the bias, activated)
+        return kernels + [dataclasses.replace(elementwise(f"{name}-zeros", (n, cout, ho, wo), 0, 1, dtype),
+                                              launches=1)]
+    full_in = cin_k == cin
+    run = _run_elems(group_size, keep_in, cin_g) * b
+    if not (full_in and cout_k == cout):  # per-sample weight slices
+        kernels.append(_part(Kernel(name=f"{name}-weight-slices", out=(n, 1, 1, cout_k * cin_kg * taps),
+                                    macs=1, dtype_bytes=b, dtype=dtype, in_bytes=w_full * b,
+                                    seg_in=run, indexed="gather")))
+    map_bytes = n * cin * h * w * b
+    pointwise = k == 1 and stride == 1 and (padding or 0) == 0
+    if pointwise and full_in:
+        gemm_in = map_bytes  # the GEMM reads x in place
+    else:
+        # packed runs of active channels; DRAM reads whole cache lines of every touched pixel
+        pen = access_penalty_bytes(run)
+        kernels.append(Kernel(name=f"{name}-pack", out=(n * ho * wo * taps, 1, 1, cin_k), macs=1,
+                              dtype_bytes=b, dtype=dtype, in_bytes=min(n * cin_k * h * w * b, map_bytes / pen),
+                              seg_in=run, indexed="gather", launches=0))
+        gemm_in = 0.0
+    out_dense = n * cout * ho * wo * b
+    kernels.append(dataclasses.replace(
+        _gemm(f"{name}-gemm", n, cout_k, ho * wo, cin_kg * taps, dtype, in_bytes=gemm_in,
+              w_bytes=w_full * b, out_bytes=out_dense, weight_per_sample=True), launches=1, blas=True))
+    if cout_k < cout:  # epilogue from the GEMM's buffer into y, zeros included, one run of kept
+        # output channels (and one zero fill) at a time
+        out_run = _run_elems(group_size, keep_out, cout // groups) * b
+        kernels.append(_part(elementwise(f"{name}-epilogue", (n, cout, ho, wo), 1, 1, dtype), in_bytes=0.0,
+                             out_bytes=0.0, seg_out=out_run))
+    return kernels
+
+
+def access_penalty_bytes(run_bytes: float, line: int = 64) -> float:
+    """Bytes of whole cache lines fetched per useful byte for runs of ``run_bytes`` (capped by the row)."""
+    if run_bytes <= 0:
+        return 1.0
+    return max(1.0, math.ceil(run_bytes / line) * line / run_bytes)
+
+
+def sample_gather_cpu(kept: int, c: int, h: int, w: int, dtype: str = "fp32") -> Kernel:
+    """sample_gather on the CPU: one flat parallel loop of contiguous copies of whole samples (a
+    streaming copy, not an index_select)."""
+    return elementwise("sample-gather", (kept, c, h, w), 1, 1, dtype)
+
+
+def sample_scatter_add_cpu(kept: int, c: int, h: int, w: int, dtype: str = "fp32") -> Kernel:
+    """sample_scatter_add_ on the CPU: a streaming add + ReLU over the kept samples' residual rows."""
+    return elementwise("sample-scatter-add", (kept, c, h, w), 2, 2, dtype)

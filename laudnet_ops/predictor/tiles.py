@@ -68,6 +68,10 @@ class Kernel:
     syncs: int = 0
     patch_views: bool = False
     indexed: str = ""  # "gather" / "scatter": an index-driven copy (priced with that efficiency)
+    blas: bool = False  # a GEMM through a BLAS library call (priced with ``Efficiency.blas`` when set)
+    #: per output element, operations that form one dependent chain (a scalar float reduction the
+    #: compiler may not reorder): each waits for the previous one, ``Device.chain_cycles`` apart
+    serial_ops: float = 0.0
 
     @property
     def flops(self) -> float:
@@ -133,7 +137,11 @@ def _views(kernel: Kernel) -> list[tuple[int, int, int, int]]:
 
 
 @lru_cache(maxsize=4096)
-def _geometry(kernel: Kernel, num_pe: int, lanes: int, max_tile_outputs: int) -> _Geometry:
+def _geometry(kernel: Kernel, num_pe: int, lanes: int, max_tile_outputs: int,
+              per_image_weights: bool = False) -> _Geometry:
+    """``per_image_weights``: a tile spanning several images (P) streams the weights once per image, as
+    CPU convolutions do (oneDNN's and the library's loops put the image outermost), so tiles cannot share
+    a weight load across images; the GPU implicit GEMM spans images freely."""
     parts = []
     b = kernel.dtype_bytes
     for view in _views(kernel):
@@ -160,7 +168,8 @@ def _geometry(kernel: Kernel, num_pe: int, lanes: int, max_tile_outputs: int) ->
             # only its groups' for a grouped one
             cin_t = np.minimum(kernel.cin, np.ceil(ec / cout_g) * cin_g) if kernel.groups > 1 else kernel.cin
             in_tile = ep * cin_t * in1 * in2 * b
-            w_tile = ec * cin_g * kernel.kh * kernel.kw * b * (ep if kernel.weight_per_sample else 1.0)
+            per_image = kernel.weight_per_sample or per_image_weights
+            w_tile = ec * cin_g * kernel.kh * kernel.kw * b * (ep if per_image else 1.0)
             flops_tile = 2.0 * outputs * kernel.macs
         else:
             in_tile = ep * ec * in1 * in2 * b * kernel.n_inputs
@@ -200,7 +209,8 @@ def pe_rate(kernel: Kernel, device: Device) -> float:
         matrix = float(device.matrix_tflops.get(kernel.dtype, 0.0))
         if matrix > 0:  # tensor cores / matrix instructions for FP16 and BF16 GEMMs
             return matrix * 1e12 / device.num_pe * eff.matrix
-        return device.fp32_per_pe * 2.0 * clock * simd * eff.compute
+        fraction = eff.blas if (kernel.blas and eff.blas > 0) else eff.compute
+        return device.fp32_per_pe * 2.0 * clock * simd * fraction
     fraction = {"gather": eff.index, "scatter": eff.scatter}.get(kernel.indexed, eff.simple)
     return device.fp32_per_pe * clock * simd * fraction
 
@@ -213,7 +223,7 @@ def price(kernel: Kernel, device: Device) -> KernelCost:
 @lru_cache(maxsize=65536)
 def _price_cached(kernel: Kernel, device: Device) -> KernelCost:
     eff: Efficiency = device.efficiency
-    geo = _geometry(kernel, device.num_pe, device.fp32_per_pe, device.max_tile_outputs)
+    geo = _geometry(kernel, device.num_pe, device.fp32_per_pe, device.max_tile_outputs, device.kind == "cpu")
     dram_bw = device.dram_gbs * 1e9 * eff.memory
     pe_onchip_bw = dram_bw * eff.onchip / device.num_pe
     pen_in = access_penalty(kernel.seg_in, device)
@@ -246,7 +256,9 @@ def _price_cached(kernel: Kernel, device: Device) -> KernelCost:
     t_dram = dram_bytes / dram_bw
 
     launch = kernel.launches * eff.launch_us * 1e-6 + kernel.syncs * eff.sync_us * 1e-6
-    total = launch + combine(t_onchip, t_dram, eff.overlap)
+    p, c, s1, s2 = kernel.out
+    chains = math.ceil(p * c * s1 * s2 / device.num_pe) * kernel.serial_ops * device.chain_cycles / clock_hz(device)
+    total = launch + combine(t_onchip, t_dram, eff.overlap) + chains
     best = int(np.argmin(total))
     t_compute_total = float(geo.waves[best] * t_compute_tile[best])
     return KernelCost(
@@ -256,6 +268,10 @@ def _price_cached(kernel: Kernel, device: Device) -> KernelCost:
         onchip=float(geo.waves[best] * t_move_tile[best]), dram=float(t_dram[best]), launch=launch,
         flops=kernel.flops, dram_bytes=float(dram_bytes[best]),
     )
+
+
+def clock_hz(device: Device) -> float:
+    return device.clock_mhz * 1e6
 
 
 def clear_caches() -> None:

@@ -1,18 +1,29 @@
 """Validation: measure real blocks on this machine and compare them with the (calibrated) predictions.
 
 Each case is a callable block implementation plus the kernel list the predictor prices for exactly that
-schedule.  Dense, layer-skipping and channel-skipping blocks are measured honestly in plain PyTorch:
+schedule.  When the compiled extension loads, every paradigm runs the library's ops (label
+``laudnet_ops``), glued by PyTorch eager code, channels_last throughout:
 
-* layer skipping is index_select of the kept samples, the dense branch on them, and the residual rows
-  gathered, added and scattered back (index_copy_);
-* channel skipping with gates shared by the batch is the weights sliced to the kept channels
-  (index_select) followed by dense convs on fewer channels - what a weight-gather conv costs then.
+* spatial: ``masker_conv1x1`` (conv1 and the masker from one read of x) -> ``patch_indices`` ->
+  ``gather_conv2d`` (3x3) -> the 1x1 conv on the packed patches (``F.conv2d`` on (P, C, S, S)) ->
+  ``scatter_add_`` in place;
+* channel: ``channel_gated_conv2d`` for the three convs, with per-sample random gates (every sample
+  keeps the same number of groups, different ones), then the residual add and ReLU;
+* layer: ``sample_gather`` -> the dense branch (``F.conv2d``) -> ``sample_scatter_add_`` in place.
 
-Spatial blocks use the library's ``patch_indices`` / ``scatter_add_`` when the compiled extension loads,
-and otherwise a **torch stand-in** with the same work profile as the unfused schedule: masker (pool +
-1-logit conv), conv1, mask -> nonzero, a pad copy, an index_select gather of the haloed windows, the 3x3
-conv on the packed windows, the 1x1 conv, and a gather / add / ReLU / index_copy_ scatter.  Cases are
-labelled with the implementation they used.  Everything runs channels_last (what oneDNN prefers).
+The decisions (mask, gates) are prescribed -- they set the rate under test -- but the maskers' work
+runs.  They are priced with ``blocks.LIBRARY_CPU`` on the CPU (the kernels as csrc/cpu runs them).
+
+Without the extension the cases fall back to plain PyTorch, labelled so:
+
+* ``torch`` layer skipping: index_select of the kept samples, the dense branch, the residual rows
+  gathered, added and scattered back (index_copy_); channel skipping with gates shared by the batch:
+  the weights sliced to the kept channels (index_select), then dense convs on fewer channels;
+* ``torch stand-in`` spatial: masker (pool + 1-logit conv), conv1, mask -> nonzero, a pad copy, an
+  index_select gather of the haloed windows, the 3x3 conv on the packed windows, the 1x1 conv, and a
+  gather / add / ReLU / index_copy_ scatter.
+
+These are priced with the matching ``EAGER`` schedules.  Dense blocks are ``F.conv2d`` (torch) always.
 """
 
 from __future__ import annotations
@@ -25,10 +36,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ._util import progress
-from .blocks import EAGER, BlockSpec, block_kernels, with_schedule
+from .blocks import EAGER, LIBRARY_CPU, BlockSpec, block_kernels, with_schedule
 from .devices import get_device
 from .tiles import Kernel, price
-from .timing import measure, resolve_clock
+from .timing import measure, resolve_clock, steady_allocator
 
 STANDIN = "torch stand-in"
 TORCH = "torch"
@@ -123,6 +134,14 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 # --- the library, when its compiled extension loads ------------------------------------------------------
 
+#: The ops each paradigm's library implementation needs.
+LIBRARY_NEEDS = {
+    "spatial": ("masker_conv1x1", "patch_indices", "gather_conv2d", "scatter_add_"),
+    "channel": ("channel_gated_conv2d",),
+    "layer": ("sample_gather", "sample_scatter_add_"),
+}
+
+
 def library_ops() -> dict[str, Callable[..., Any]]:
     """The laudnet_ops ops usable here (empty when the compiled extension does not load)."""
     try:
@@ -132,12 +151,16 @@ def library_ops() -> dict[str, Callable[..., Any]]:
     if getattr(laudnet_ops, "extension_error", None) is not None:
         return {}
     found = {}
-    for name in ("patch_indices", "scatter_add_"):
+    for name in sorted({op for ops_ in LIBRARY_NEEDS.values() for op in ops_}):
         try:
             found[name] = getattr(laudnet_ops, name)
-        except (AttributeError, ImportError):
+        except (AttributeError, ImportError, RuntimeError):
             continue
     return found
+
+
+def _has(lib: dict[str, Callable[..., Any]], mode: str) -> bool:
+    return all(name in lib for name in LIBRARY_NEEDS[mode])
 
 
 # --- block implementations ---------------------------------------------------------------------------------
@@ -237,6 +260,13 @@ def _build_channel(spec: BlockSpec, n: int, group: int, kept_c: int) -> Callable
 
 def _build_spatial(spec: BlockSpec, n: int, patch: int, kept: int,
                    lib: dict[str, Callable[..., Any]]) -> Callable[[str], Callable[[], object]]:
+    """The library's spatial block when its ops load, else the torch stand-in."""
+    if _has(lib, "spatial"):
+        return _build_spatial_library(spec, n, patch, kept, lib)
+    return _build_spatial_standin(spec, n, patch, kept)
+
+
+def _build_spatial_standin(spec: BlockSpec, n: int, patch: int, kept: int) -> Callable[[str], Callable[[], object]]:
     def build(dev: str):
         import torch
         import torch.nn.functional as F
@@ -257,8 +287,6 @@ def _build_spatial(spec: BlockSpec, n: int, patch: int, kept: int,
         in_strides = torch.tensor([(h + 2) * (w + 2), s * (w + 2), s], device=dev)
         out_strides = torch.tensor([h * w, s * w, s], device=dev)
         residual_rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view of x (channels_last)
-        patch_indices = lib.get("patch_indices")
-        scatter_add_ = lib.get("scatter_add_")
 
         def run():
             # masker: pooled input -> one logit per patch (its decision is prescribed above).  Not fused
@@ -266,19 +294,109 @@ def _build_spatial(spec: BlockSpec, n: int, patch: int, kept: int,
             # oneDNN onto torch's slow convolution, which would measure torch, not the schedule.
             F.conv2d(F.avg_pool2d(x, s), wm) > 0
             y1 = F.conv2d(x, w1).relu_()
-            idx = patch_indices(mask) if patch_indices else mask.nonzero()
+            idx = mask.nonzero()
             padded[:, 1:-1, 1:-1, :].copy_(y1.permute(0, 2, 3, 1))
             rows = ((idx * in_strides).sum(1)[:, None] + win_offsets[None, :]).reshape(-1)
             packed = padded.view(-1, width).index_select(0, rows)
             packed = packed.view(-1, win, win, width).permute(0, 3, 1, 2)
             y3 = F.conv2d(F.conv2d(packed, w2).relu_(), w3)
-            if scatter_add_ is not None:
-                return scatter_add_(x, y3, idx, "relu")
             out_rows = ((idx * out_strides).sum(1)[:, None] + out_offsets[None, :]).reshape(-1)
             r = residual_rows.index_select(0, out_rows)
             r.add_(y3.permute(0, 2, 3, 1).reshape(-1, c)).relu_()
             residual_rows.index_copy_(0, out_rows, r)  # a view of x: this updates x
             return x
+        return run
+    return build
+
+
+def _weights(spec: BlockSpec, dev: str):
+    """conv1, conv2, conv3 weights (the same seeds in every builder, so implementations can be compared)."""
+    return (_tensor(spec.width, spec.cin, 1, 1, device=dev), _tensor(spec.width, spec.width, 3, 3, device=dev),
+            _tensor(spec.cout, spec.width, 1, 1, device=dev))
+
+
+def _build_spatial_library(spec: BlockSpec, n: int, patch: int, kept: int,
+                           lib: dict[str, Callable[..., Any]]) -> Callable[[str], Callable[[], object]]:
+    """masker_conv1x1 -> patch_indices -> gather_conv2d -> 1x1 conv on the packed patches -> scatter_add_."""
+    def build(dev: str):
+        import torch
+        import torch.nn.functional as F
+
+        s = patch
+        hp, wp = math.ceil(spec.ho / s), math.ceil(spec.wo / s)
+        x = _tensor(n, spec.cin, spec.h, spec.w, device=dev, channels_last=True)
+        w1, w2, w3 = _weights(spec, dev)
+        wm = _tensor(1, spec.cin, 1, 1, device=dev)
+        mask = torch.zeros(n * hp * wp, dtype=torch.bool, device=dev)
+        mask[_choice(n * hp * wp, kept, 3, dev)] = True  # prescribed decisions: the rate under test
+        mask = mask.view(n, hp, wp)
+        masker, indices = lib["masker_conv1x1"], lib["patch_indices"]
+        gather_conv, scatter = lib["gather_conv2d"], lib["scatter_add_"]
+
+        def run():
+            y1, logits = masker(x, w1, None, wm, None, s, spec.stride, "relu")
+            logits > 0  # the masker's decision (prescribed above)
+            idx = indices(mask)
+            y2 = gather_conv(y1, idx, w2, None, s, spec.stride, 1, 1, spec.groups, "relu")
+            return scatter(x, F.conv2d(y2, w3), idx, "relu")  # x: the block's input is its residual
+        return run
+    return build
+
+
+def _sample_gates(n: int, groups: int, kept: int, dev: str):
+    """(n, groups) bool: every sample keeps ``kept`` groups, each sample its own (seeded) choice."""
+    import torch
+
+    gates = torch.zeros(n, groups, dtype=torch.bool)
+    for i in range(n):
+        gates[i, _choice(groups, kept, 100 + i, "cpu")] = True
+    return gates.to(dev)
+
+
+def _build_channel_library(spec: BlockSpec, n: int, group: int, kept_groups: int,
+                           lib: dict[str, Callable[..., Any]]) -> Callable[[str], Callable[[], object]]:
+    """channel_gated_conv2d for conv1 (outputs gated), conv2 (both) and conv3 (inputs), per-sample gates."""
+    def build(dev: str):
+        import torch.nn.functional as F
+
+        groups = spec.width // group
+        hidden = max(groups // 16, 16)
+        x = _tensor(n, spec.cin, spec.h, spec.w, device=dev, channels_last=True)
+        w1, w2, w3 = _weights(spec, dev)
+        m1, m2 = _tensor(hidden, spec.cin, device=dev), _tensor(groups, hidden, device=dev)
+        gates = _sample_gates(n, groups, kept_groups, dev)
+        conv = lib["channel_gated_conv2d"]
+
+        def run():
+            logits = F.linear(F.linear(x.mean((2, 3)), m1).relu_(), m2)
+            logits > 0  # the gates' work; the gates are prescribed above
+            y = conv(x, w1, None, None, gates, group, activation="relu")
+            y = conv(y, w2, None, gates, gates, group, stride=spec.stride, padding=1, groups=spec.groups,
+                     activation="relu")
+            y = conv(y, w3, None, gates, None, group, activation="none")
+            return y.add_(x).relu_()
+        return run
+    return build
+
+
+def _build_layer_library(spec: BlockSpec, n: int, kept: int,
+                         lib: dict[str, Callable[..., Any]]) -> Callable[[str], Callable[[], object]]:
+    """sample_gather -> the dense branch on the kept samples -> sample_scatter_add_ in place."""
+    def build(dev: str):
+        import torch
+        import torch.nn.functional as F
+
+        x = _tensor(n, spec.cin, spec.h, spec.w, device=dev, channels_last=True)
+        w1, w2, w3 = _weights(spec, dev)
+        wg = _tensor(1, spec.cin, device=dev)
+        gate = torch.zeros(n, dtype=torch.bool, device=dev)
+        gate[_choice(n, kept, 1, dev)] = True  # prescribed decisions: the rate under test
+        gather, scatter = lib["sample_gather"], lib["sample_scatter_add_"]
+
+        def run():
+            F.linear(x.mean((2, 3)), wg) > 0  # the gate's work (its decision is prescribed above)
+            xk, sel = gather(x, gate)
+            return scatter(x, _dense_branch(xk, w1, w2, w3), sel, "relu")
         return run
     return build
 
@@ -292,36 +410,48 @@ KEEPS = (0.25, 0.5, 0.75, 1.0)
 
 
 def validation_cases(quick: bool = False, blocks=CPU_BLOCKS, keeps: Sequence[float] = KEEPS,
-                     groups: Sequence[int] = (2, 8)) -> list[Case]:
-    """The case table: dense, layer, channel (per G) and spatial (per S) blocks at each keep ratio."""
-    lib = library_ops()
+                     groups: Sequence[int] = (2, 8), lib: dict[str, Callable[..., Any]] | None = None,
+                     device: str = "cpu") -> list[Case]:
+    """The case table: dense, layer, channel (per G) and spatial (per S) blocks at each keep ratio.
+
+    ``lib``: the library ops to use (default: :func:`library_ops`; ``{}`` forces the torch fallbacks);
+    ``device``: where the cases will run ('cpu' prices the library's CPU kernels)."""
+    lib = library_ops() if lib is None else lib
     if quick:
         blocks = ((BlockSpec("tiny", 64, 16, 64, 8, 8), 2, (2,)),)
         keeps, groups = (0.5, 1.0), (4,)
-    spatial_sched = with_schedule(EAGER, fuse_masker=False, fuse_scatter="scatter_add_" in lib)
-    spatial_impl = LIBRARY if lib else STANDIN
+    on_cpu = device in ("cpu", "host")
+    library_sched = with_schedule(LIBRARY_CPU, cpu_kernels=on_cpu)
+    standin_sched = with_schedule(EAGER, fuse_masker=False)
+    impl = {mode: (LIBRARY, library_sched) if _has(lib, mode) else (fallback, sched)
+            for mode, fallback, sched in (("spatial", STANDIN, standin_sched), ("channel", TORCH, EAGER),
+                                          ("layer", TORCH, EAGER))}
     cases: list[Case] = []
     for spec, n, patches in blocks:
         cases.append(Case(f"{spec.name} dense", spec.name, "dense", 1, 1.0, TORCH,
                           block_kernels(spec, "dense", n, 1.0, 1, "fp32", EAGER), _build_dense(spec, n)))
         for keep in keeps:
             kept = max(1, round(keep * n))
-            cases.append(Case(f"{spec.name} layer r={kept / n:.2f}", spec.name, "layer", 1, kept / n, TORCH,
-                              block_kernels(spec, "layer", n, kept / n, 1, "fp32", EAGER),
-                              _build_layer(spec, n, kept)))
+            label, sched = impl["layer"]
+            build = (_build_layer_library(spec, n, kept, lib) if label == LIBRARY else _build_layer(spec, n, kept))
+            cases.append(Case(f"{spec.name} layer r={kept / n:.2f}", spec.name, "layer", 1, kept / n, label,
+                              block_kernels(spec, "layer", n, kept / n, 1, "fp32", sched), build))
             for g in groups:
                 total = math.ceil(spec.width / g)
                 kept_g = max(1, round(keep * total))
+                label, sched = impl["channel"]
+                build = (_build_channel_library(spec, n, g, kept_g, lib) if label == LIBRARY
+                         else _build_channel(spec, n, g, kept_g * g))
                 cases.append(Case(f"{spec.name} channel G={g} r={kept_g / total:.2f}", spec.name, "channel", g,
-                                  kept_g / total, TORCH,
-                                  block_kernels(spec, "channel", n, kept_g / total, g, "fp32", EAGER),
-                                  _build_channel(spec, n, g, kept_g * g)))
+                                  kept_g / total, label,
+                                  block_kernels(spec, "channel", n, kept_g / total, g, "fp32", sched), build))
             for s in patches:
-                total = n * (spec.ho // s) * (spec.wo // s)
+                total = n * math.ceil(spec.ho / s) * math.ceil(spec.wo / s)
                 kept_p = max(1, round(keep * total))
+                label, sched = impl["spatial"]
                 cases.append(Case(f"{spec.name} spatial S={s} r={kept_p / total:.2f}", spec.name, "spatial", s,
-                                  kept_p / total, spatial_impl,
-                                  block_kernels(spec, "spatial", n, kept_p / total, s, "fp32", spatial_sched),
+                                  kept_p / total, label,
+                                  block_kernels(spec, "spatial", n, kept_p / total, s, "fp32", sched),
                                   _build_spatial(spec, n, s, kept_p, lib)))
     return cases
 
@@ -353,13 +483,17 @@ def validate(device: str = "cpu", calibration: Any = None, quick: bool = False, 
 
         base = detect_cuda_device(torch_device)
         model = get_device(base, calibration if calibration is not None else _default_cal(base.name))
-    cases = list(cases) if cases is not None else validation_cases(quick)
+    cases = list(cases) if cases is not None else validation_cases(quick, device=torch_device)
+    steady_allocator()  # steady-state latencies, whatever ran before in this process
     runs = [c.build(torch_device) for c in cases]
-    timings: list[list[float]] = [[] for _ in cases]
-    with torch.inference_mode():
-        for _ in progress(range(rounds), "validate rounds", show_progress):
-            for i, fn in enumerate(runs):
-                timings[i].append(measure(fn, torch_device, repeats=repeats, statistic=statistic, clock=clock))
+    # The in-place cases add their branch onto their own input call after call; flushing denormals keeps
+    # values that drift towards zero from hitting the slow path (it changes nothing else).
+    flush = torch.set_flush_denormal(True)
+    try:
+        timings = _measure_all(runs, torch_device, rounds, repeats, statistic, clock, show_progress)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
     report = ValidationReport(device=model.name, threads=torch.get_num_threads() if torch_device == "cpu" else 0,
                               calibrated=model.calibrated, clock=resolve_clock(clock, torch_device))
     for case, times in zip(cases, timings):
@@ -367,6 +501,19 @@ def validate(device: str = "cpu", calibration: Any = None, quick: bool = False, 
         report.results.append(CaseResult(case.name, case.block, case.mode, case.granularity, case.keep, case.impl,
                                          predicted, statistics.median(times)))
     return report
+
+
+def _measure_all(runs: Sequence[Callable[[], object]], device: str, rounds: int, repeats: int, statistic: str,
+                 clock: str, show_progress: bool) -> list[list[float]]:
+    """Every run measured once per round, round-robin (background load then hits all cases alike)."""
+    import torch
+
+    timings: list[list[float]] = [[] for _ in runs]
+    with torch.inference_mode():
+        for _ in progress(range(rounds), "validate rounds", show_progress):
+            for i, fn in enumerate(runs):
+                timings[i].append(measure(fn, device, repeats=repeats, statistic=statistic, clock=clock))
+    return timings
 
 
 def _default_cal(name: str) -> Any:
