@@ -30,3 +30,9 @@ def __getattr__(name):
 
 __all__ = ["reference", "cuda_kernels_built", "require_extension", "__version__", *_OPS]
 __all__ += ["unfused"]
+
+# Modules and models: plain PyTorch until their sparse path runs, so importable without the extension.
+from . import models, nn  # noqa: E402
+from .nn import ChannelGatedConv2d, GatherConv2d  # noqa: E402
+
+__all__ += ["nn", "models", "GatherConv2d", "ChannelGatedConv2d"]

@@ -1,0 +1,99 @@
+"""Whole-network benchmark: LAUD-ResNet-50 in eval, each skipping mode sparse vs the same network dense.
+
+    python benchmarks/bench_models.py [--batch 8] [--size 224] [--keep 0.5] [--threads 2] [--csv out.csv]
+
+Every network has the same weights; the dynamic ones keep a random ``--keep`` fraction of their
+units (``force_keep``, seeded). Baselines, in one run: the dense network with batch norm folded
+(the dense mode's inference path: what the sparse paths are compared with) in NCHW and in
+channels_last, and the torchvision-style unfolded dense network. Each sparse network runs in both
+memory formats too; the ratio is to the faster dense baseline. Target of issue 5: <= 0.65x.
+"""
+
+import argparse
+import csv
+import sys
+
+import torch
+from torch.utils import benchmark
+
+from laudnet_ops.models import laud_resnet50
+from laudnet_ops.nn import set_execution, set_force_keep, stats
+from laudnet_ops.nn.blocks import missing_sparse_ops
+GRANULARITY = {"dense": None, "spatial": (4, 4, 2, 1), "channel": 4, "layer": None}
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def build(mode, keep, state):
+    model = laud_resnet50(mode=mode, granularity=GRANULARITY[mode])
+    model.load_state_dict(state, strict=False)
+    if mode != "dense":
+        set_force_keep(model, keep, seed=0)
+    return model.eval()
+
+
+def measure(model, x, min_run_time):
+    with torch.no_grad():
+        model(x)  # warm-up: folds batch norm, primes oneDNN
+        timer = benchmark.Timer("model(x)", globals={"model": model, "x": x})
+        return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--keep", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--min-run-time", type=float, default=3.0)
+    parser.add_argument("--modes", default="spatial,channel,layer")
+    parser.add_argument("--csv", help="also write the rows to this CSV file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    dense = laud_resnet50(mode="dense").eval()
+    state = dense.state_dict()
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    inputs = {name: x.contiguous(memory_format=fmt) for name, fmt in FORMATS.items()}
+    rows = []
+
+    def add(network, execution, fmt, seconds, ratio_to=None, flops_ratio=None):
+        rows.append(dict(network=network, execution=execution, format=fmt, ms=1e3 * seconds,
+                         ratio=None if ratio_to is None else seconds / ratio_to, flops_ratio=flops_ratio))
+
+    baseline = {}
+    for fmt, xin in inputs.items():
+        baseline[fmt] = measure(dense, xin, args.min_run_time)
+        add("dense", "folded BN", fmt, baseline[fmt])
+    unfolded = build("dense", 1.0, state)
+    set_execution(unfolded, "masked")
+    for fmt, xin in inputs.items():
+        add("dense", "torchvision-style (BN unfolded)", fmt, measure(unfolded, xin, args.min_run_time))
+    best = min(baseline.values())
+
+    for mode in filter(None, args.modes.split(",")):
+        missing = missing_sparse_ops(mode)
+        if missing:
+            print(f"{mode}: skipped, ops not built: {missing}", file=sys.stderr)
+            continue
+        model = build(mode, args.keep, state)
+        for fmt, xin in inputs.items():
+            seconds = measure(model, xin, args.min_run_time)
+            add(f"{mode} keep={args.keep}", "sparse", fmt, seconds, best, float(stats(model)["flops_ratio"]))
+
+    print(f"LAUD-ResNet-50, eval, batch {args.batch}, {args.size}x{args.size}, float32, "
+          f"{torch.get_num_threads()} threads; ratio = time / fastest dense ({1e3 * best:.1f} ms)")
+    print(f"{'network':<18} {'execution':<32} {'format':<14} {'ms':>9} {'ratio':>7} {'FLOPs ratio':>12}")
+    for r in rows:
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        flops = "" if r["flops_ratio"] is None else f"{r['flops_ratio']:.3f}"
+        print(f"{r['network']:<18} {r['execution']:<32} {r['format']:<14} {r['ms']:>9.1f} {ratio:>7} {flops:>12}")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()

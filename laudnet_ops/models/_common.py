@@ -1,0 +1,54 @@
+"""Helpers shared by the LAUD models: granularity defaults, initialisation, backbone loading."""
+
+import math
+from typing import Optional, Sequence, Union
+
+from torch import nn
+
+from ..nn.maskers import Masker
+
+Granularity = Optional[Union[int, Sequence[int]]]
+
+DEFAULT_GRANULARITY = {"spatial": (4, 4, 2, 1), "channel": 4}
+
+
+def stage_granularity(mode: str, granularity: Granularity, stages: int) -> tuple:
+    """Per-stage granularity: given, or the mode's default (S = 4-4-2-1, G = 4), or 1."""
+    if granularity is None:
+        granularity = DEFAULT_GRANULARITY.get(mode, 1)
+    if isinstance(granularity, int):
+        granularity = (granularity,) * stages
+    granularity = tuple(int(g) for g in granularity)
+    if len(granularity) != stages:
+        raise ValueError(f"granularity needs one value per stage ({stages}), got {granularity}")
+    return granularity
+
+
+def init_backbone(model: nn.Module) -> None:
+    """torchvision's initialisation of ResNet and RegNet, leaving the maskers' own (keep-biased) one."""
+    masker_modules = {id(m) for masker in model.modules() if isinstance(masker, Masker) for m in masker.modules()}
+    for m in model.modules():
+        if id(m) in masker_modules:
+            continue
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+def load_backbone(model: nn.Module, state_dict: dict) -> nn.Module:
+    """Load a torchvision state dict into a LAUD model; only masker keys may be missing.
+
+    Raises if the state dict has keys the model lacks or lacks backbone keys. Returns ``model``.
+    """
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if ".masker." not in k]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"load_backbone: missing backbone keys {missing}, unexpected keys {result.unexpected_keys}")
+    return model

@@ -1,0 +1,49 @@
+"""Batch norm folded into the preceding convolution, for inference."""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["fold_bn", "FoldedWeights"]
+
+
+def fold_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.BatchNorm2d) -> tuple:
+    """``(w, b)`` with ``conv2d(x, w, b) == bn(conv2d(x, weight, bias))`` for ``bn`` in eval mode."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("fold_bn: the batch norm must track running statistics to be folded")
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bias is not None:
+        shift = shift + bias * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return weight * scale.reshape(-1, 1, 1, 1), shift
+
+
+class FoldedWeights:
+    """Folded ``(w, b)`` per named (conv, bn) pair of one block, recomputed only when a parameter or statistic changes.
+
+    The cache key is each tensor's storage and version counter, so an optimiser step, a
+    ``load_state_dict`` or a ``.to()`` invalidates it without any hook.
+    """
+
+    def __init__(self):
+        self._cache = {}
+
+    def __call__(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+        tensors = [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+                   if t is not None]
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            folded = fold_bn(conv.weight, conv.bias, bn)
+        self._cache[name] = (key, folded)
+        return folded
+
+    def clear(self) -> None:
+        self._cache.clear()
