@@ -250,6 +250,35 @@ def all_unfused_names(mode: str):
     return [n for n in _UNFUSED_OPS if (mode == "layer") == n.startswith("sample_")]
 
 
+class Measurer:
+    """Times the real blocks on ``device``; caches the built block of each (block, mode, granularity)."""
+
+    def __init__(self, device, batch, dtype, min_run_time):
+        self.device, self.batch, self.dtype, self.min_run_time = device, batch, DTYPES[dtype], min_run_time
+        self._blocks = {}
+
+    def block(self, model, spec, mode, gran):
+        key = (model, spec.name, mode, gran)
+        if key not in self._blocks:
+            self._blocks[key] = build_block(model, spec, mode, gran).to(self.device, self.dtype)
+        return self._blocks[key]
+
+    def dense(self, model, spec, channels_last, batch=None):
+        block = prepare(self.block(model, spec, "dense", 1), "dense", 1.0)
+        x = block_input(spec, batch or self.batch, self.device, self.dtype, channels_last)
+        if channels_last:
+            block = block.to(memory_format=torch.channels_last)
+        return time_ms(lambda: block(x), self.min_run_time, self.device)
+
+    def dynamic(self, model, spec, mode, gran, keep, unfused=(), batch=None):
+        """(ms, realised keep fraction) of the sparse block, channels_last input."""
+        block = prepare(self.block(model, spec, mode, gran), mode, keep)
+        x = block_input(spec, batch or self.batch, self.device, self.dtype, True)
+        with unfused_ops(unfused):
+            ms = time_ms(lambda: block(x), self.min_run_time, self.device)
+        return ms, realised_keep(block)
+
+
 # --- output --------------------------------------------------------------------------------------------
 
 def fmt_ms(value) -> str:

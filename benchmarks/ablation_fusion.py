@@ -73,9 +73,7 @@ def main(argv=None):
     machine = C.matching_profile(measure_on) if measure_on != "none" else None
     measurer = None
     if measure_on != "none":
-        # Reuse bench_block's measurer: same blocks, inputs and timing.
-        from bench_block import Measurer
-        measurer = Measurer(measure_on, mbatch, args.dtype, args.min_run_time)
+        measurer = C.Measurer(measure_on, mbatch, args.dtype, args.min_run_time)
     blocks = [C.find_block(name) for name in (args.block or C.default_blocks())]
     print(f"ablation_fusion: spatial blocks, predicted for {args.gpu} at batch {batch}"
           + (f", measured on {C.machine_name(measure_on)} at batch {mbatch}" if measurer else ", nothing measured"))

@@ -94,35 +94,6 @@ def predict(spec, device, mode, rate, gran, batch, dtype, schedule=predictor.FUS
     return predictor.predict_block(spec, C.profile(device), mode, rate, gran, batch, dtype, schedule)
 
 
-class Measurer:
-    """Times the real blocks on ``device``; caches the built block of each (block, mode, granularity)."""
-
-    def __init__(self, device, batch, dtype, min_run_time):
-        self.device, self.batch, self.dtype, self.min_run_time = device, batch, C.DTYPES[dtype], min_run_time
-        self._blocks = {}
-
-    def block(self, model, spec, mode, gran):
-        key = (model, spec.name, mode, gran)
-        if key not in self._blocks:
-            self._blocks[key] = C.build_block(model, spec, mode, gran).to(self.device, self.dtype)
-        return self._blocks[key]
-
-    def dense(self, model, spec, channels_last, batch=None):
-        block = C.prepare(self.block(model, spec, "dense", 1), "dense", 1.0)
-        x = C.block_input(spec, batch or self.batch, self.device, self.dtype, channels_last)
-        if channels_last:
-            block = block.to(memory_format=torch.channels_last)
-        return C.time_ms(lambda: block(x), self.min_run_time, self.device)
-
-    def dynamic(self, model, spec, mode, gran, keep, unfused=(), batch=None):
-        """(ms, realised keep fraction) of the sparse block, channels_last input."""
-        block = C.prepare(self.block(model, spec, mode, gran), mode, keep)
-        x = C.block_input(spec, batch or self.batch, self.device, self.dtype, True)
-        with C.unfused_ops(unfused):
-            ms = C.time_ms(lambda: block(x), self.min_run_time, self.device)
-        return ms, C.realised_keep(block)
-
-
 def schedules(mode, with_unfused):
     yield "fused", predictor.FUSED, ()
     if with_unfused and mode in C.UNFUSED_MODES:
