@@ -77,7 +77,7 @@ def measuring_device(measure: str, profile: str) -> str:
 def machine_name(device: str) -> str:
     if device == "cuda":
         return f"cuda:{torch.cuda.get_device_name()}"
-    return f"cpu:{os.cpu_count()}cores/{torch.get_num_threads()}threads"
+    return f"cpu:{torch.get_num_threads()}threads/{_CPU_CLOCK['name']}-clock"
 
 
 def matching_profile(device: str):
@@ -106,15 +106,41 @@ def profile(name):
 
 # --- timing --------------------------------------------------------------------------------------------
 
+CLOCKS = ("auto", "wall", "thread")
+_CPU_CLOCK = {"timer": time.perf_counter, "name": "wall"}
+
+
+def configure_cpu(threads=None, clock: str = "auto") -> str:
+    """Set torch's CPU threads and the clock of CPU timings; returns a description for the output.
+
+    ``thread`` times the calling thread's CPU time (``time.thread_time``): with one torch thread every
+    kernel runs on it, and the time other processes hold the core is left out -- the only way to get
+    stable numbers on a shared, loaded machine. ``auto`` picks it for one thread, wall time otherwise
+    (with several threads, OpenMP barriers stall whenever a core is taken away; nothing fixes that).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    if clock not in CLOCKS:
+        raise SystemExit(f"unknown clock {clock!r}; choose one of {CLOCKS}")
+    if clock == "auto":
+        clock = "thread" if torch.get_num_threads() == 1 else "wall"
+    if clock == "thread" and torch.get_num_threads() != 1:
+        raise SystemExit("--clock thread needs --threads 1 (it times the calling thread only)")
+    _CPU_CLOCK.update(timer=time.thread_time if clock == "thread" else time.perf_counter, name=clock)
+    return f"{torch.get_num_threads()} threads, {clock} clock"
+
+
 def time_ms(fn, min_run_time: float, device: str) -> float:
     """Median milliseconds per call of ``fn``, after a warm-up.
 
-    CPU: torch.utils.benchmark's blocked_autorange. CUDA: CUDA events around blocks of calls on the
-    current stream (the host-side sync of data-dependent index lists is part of the measured time).
+    CPU: torch.utils.benchmark's blocked_autorange (clock: see ``configure_cpu``). CUDA: CUDA events
+    around blocks of calls on the current stream (the host-side sync of data-dependent index lists is
+    part of the measured time).
     """
     fn()  # warm-up: oneDNN / cuDNN primitive caches, allocator, folded batch norm
     if device != "cuda":
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads(),
+                                timer=_CPU_CLOCK["timer"])
         return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
     fn()
     torch.cuda.synchronize()

@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--measure", default="cpu", choices=("auto", "none", "cpu", "cuda"),
                    help="default cpu (CUDA when visible)")
     p.add_argument("--min-run-time", type=float, default=0.2)
+    p.add_argument("--clock", default="auto", choices=C.CLOCKS,
+                   help="CPU timing clock: thread CPU time (needs --threads 1; robust on a loaded machine) "
+                        "or wall; auto: thread with one thread, else wall")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--csv", default=None)
     p.add_argument("--quiet", action="store_true")
@@ -64,8 +67,7 @@ def unfused_names(fused):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    C.configure_cpu(args.threads, args.clock)
     profile = C.profile(args.gpu)
     measure_on = C.measuring_device(args.measure, args.gpu)
     batch = args.batch or (args.cpu_batch if args.gpu == "host" else profile.default_batch)

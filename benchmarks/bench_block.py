@@ -61,6 +61,9 @@ def parse_args(argv=None):
                    help="auto: CUDA when visible, the CPU when --gpu host, else predictions only")
     p.add_argument("--no-unfused", action="store_true", help="skip the unfused composites")
     p.add_argument("--min-run-time", type=float, default=0.1, help="seconds of timing per measurement")
+    p.add_argument("--clock", default="auto", choices=C.CLOCKS,
+                   help="CPU timing clock: thread CPU time (needs --threads 1; robust on a loaded machine) "
+                        "or wall; auto: thread with one thread, else wall")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--batch-sweep", type=C.parse_floats, default=None,
                    help="also sweep these batch sizes at --sweep-rate: latency per image (paper Fig. 8)")
@@ -290,8 +293,7 @@ def plot(rows, args, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    C.configure_cpu(args.threads, args.clock)
     torch.manual_seed(0)
     profile = predictor.get_device(args.gpu)
     measure = C.measuring_device(args.measure, args.gpu)

@@ -44,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--measure", default="auto", choices=("auto", "none", "cpu", "cuda"))
     p.add_argument("--min-run-time", type=float, default=0.2)
+    p.add_argument("--clock", default="auto", choices=C.CLOCKS,
+                   help="CPU timing clock: thread CPU time (needs --threads 1; robust on a loaded machine) "
+                        "or wall; auto: thread with one thread, else wall")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--csv", default=None)
     p.add_argument("--plot", default=None, help="PNG: network speed-up vs rate per model")
@@ -203,8 +206,7 @@ def plot(rows, args, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    C.configure_cpu(args.threads, args.clock)
     torch.manual_seed(0)
     profile = C.profile(args.gpu)
     measure_on = C.measuring_device(args.measure, args.gpu)
