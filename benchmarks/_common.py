@@ -30,18 +30,32 @@ CSV_COLUMNS = ("device", "block", "mode", "granularity", "rate", "predicted_ms",
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 
+def _sample_gather(x, gates):
+    """Unfused sample gather: index list, then a row copy."""
+    sel = gates.nonzero().flatten().to(torch.int32)
+    return x.index_select(0, sel.long()), sel
+
+
+def _sample_scatter_add(residual, y, sel, activation="relu"):
+    """Unfused sample scatter-add: activate the residual, gather the kept rows, add, activate, scatter
+    back -- separate kernels, as the predictor's unfused layer schedule prices them."""
+    idx = sel.long()
+    rows = reference._activate(residual.index_select(0, idx) + y, activation)
+    return reference._activate(residual, activation).index_copy_(0, idx, rows)
+
+
 # Which composite replaces each fused op in the "unfused" schedule (the paper's Table I baseline).
 # Spatial: laudnet_ops.unfused (gather tiles -> dense conv, conv + pool + masker conv, residual gather /
-# add / scatter). Layer: the reference's index_select / index_add composites. Channel skipping has no
+# add / scatter). Layer: index_select / add / index_copy_ composites. Channel skipping has no
 # separate fusion to switch off (the weight gather is part of the gated conv), so it has no unfused row.
 _UNFUSED_OPS = {
     "masker_conv1x1": unfused.masker_conv1x1,
     "gather_conv2d": unfused.gather_conv2d,
     "scatter_add": unfused.scatter_add,
     "scatter_add_": unfused.scatter_add,
-    "sample_gather": reference.sample_gather,
-    "sample_scatter_add": reference.sample_scatter_add,
-    "sample_scatter_add_": reference.sample_scatter_add,
+    "sample_gather": _sample_gather,
+    "sample_scatter_add": _sample_scatter_add,
+    "sample_scatter_add_": _sample_scatter_add,
 }
 # The fusion each spatial op stands for (names of the predictor's Schedule fields).
 FUSION_OPS = {

@@ -132,7 +132,7 @@ def main(argv=None):
 
 
 def print_table(rows, args):
-    print("\nlatency (ms), speed-up over the unfused block (x), and over the dense block (dense/x)")
+    print("\neach cell: latency (ms), speed-up over the fully unfused block (x), speed-up over the dense block")
     for rate in args.rates:
         for device in dict.fromkeys(r["device"] for r in rows):
             kind = "predicted" if device == args.gpu else "measured"
@@ -148,13 +148,13 @@ def print_table(rows, args):
                 line = f"  {name:9}{flags}"
                 for c in cells:
                     ratio = c.get(f"{kind}_speedup")
-                    line += f"{c[f'{kind}_ms']:>10.4g} {c.get(f'{kind}_vs_unfused', 0):>4.2f}x {ratio or 0:>4.2f}"
+                    line += f"{c[f'{kind}_ms']:>11.4g} {c.get(f'{kind}_vs_unfused', 0):>4.2f}x {ratio or 0:>4.2f}"
                 total = sum(c[f"{kind}_ms"] for c in cells)
                 ref = sum(next(r for r in rs if r["block"] == b and r["schedule"] == "none")[f"{kind}_ms"]
                           for b in blocks)
                 dense = [c.get(f"{kind}_dense_ms") for c in cells]
                 dsum = sum(dense) if all(dense) else None
-                line += f"{total:>10.4g} {ref / total:>4.2f}x " + (f"{dsum / total:>4.2f}" if dsum else "")
+                line += f"{total:>11.4g} {ref / total:>4.2f}x " + (f"{dsum / total:>4.2f}" if dsum else "")
                 print(line)
 
 

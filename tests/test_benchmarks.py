@@ -48,7 +48,7 @@ def measured(rows):
 def test_bench_block_predicts_and_measures(tmp_path, capsys):
     path, png = tmp_path / "block.csv", tmp_path / "block.png"
     argv = ["--gpu", "v100", "--measure", MEASURE, "--block", "layer4.1", "regnety400mf:s4.b2",
-            "--rates", "0.5,1.0", "--cpu-batch", "2", "--csv", str(path), "--plot", str(png), *TINY]
+            "--rates", "0.5,1.0", "--cpu-batch", "1", "--csv", str(path), "--plot", str(png), *TINY]
     assert bench_block.main(argv) == 0
     rows = read_csv(path)
     predicted = [r for r in rows if r["device"] == "v100"]
@@ -60,7 +60,7 @@ def test_bench_block_predicts_and_measures(tmp_path, capsys):
     if MEASURE == "cpu":
         m = measured(rows)
         assert len(m) == 2 * (2 + 5 * 2)  # dense in two layouts
-        assert all(r["device"].startswith("cpu") and r["profile"] == "host" and r["batch"] == "2" for r in m)
+        assert all(r["device"].startswith("cpu") and r["profile"] == "host" and r["batch"] == "1" for r in m)
         assert all(float(r["measured_speedup"]) > 0 for r in m)
         full = [r for r in m if r["mode"] != "dense" and float(r["rate"]) == 1.0]
         assert all(float(r["realised_keep"]) == pytest.approx(1.0) for r in full)
@@ -115,3 +115,23 @@ def test_ablation_fusion(tmp_path):
         assert float(predicted[name]["predicted_ms"]) <= float(predicted["none"]["predicted_ms"])
     if MEASURE == "cpu":
         assert len(measured(rows)) == len(ablation_fusion.SCHEDULES)
+
+
+@pytest.mark.skipif(extension_error is not None, reason="the fused path needs the compiled extension")
+@pytest.mark.parametrize("mode", ["spatial", "layer"])
+def test_unfused_composites_compute_the_fused_block(mode):
+    """The benchmarks' unfused schedule is the same computation, only split into separate steps."""
+    import torch
+    import _common as C
+
+    model, spec = C.find_block("regnety400mf:s4.b2" if mode == "spatial" else "layer4.1")
+    gran = C.stage_granularity(model, mode, spec.stage)
+    block = C.prepare(C.build_block(model, spec, mode, gran), mode, 0.5, seed=3)
+    x = C.block_input(spec, 3, "cpu", torch.float32)
+    with torch.no_grad():
+        fused = block(x.clone())
+        for fusion in ([], *C.FUSION_OPS) if mode == "spatial" else ([],):
+            names = C.all_unfused_names(mode) if not fusion else [
+                n for f, ops in C.FUSION_OPS.items() if f != fusion for n in ops]
+            with C.unfused_ops(names):
+                torch.testing.assert_close(block(x.clone()), fused, atol=1e-4, rtol=1e-4)
