@@ -312,7 +312,9 @@ class Measurer:
 
     def dynamic(self, model, spec, mode, gran, keep, unfused=(), batch=None):
         """(ms, realised keep fraction) of the sparse block, channels_last input."""
-        block = prepare(self.block(model, spec, mode, gran), mode, keep)
+        # channels_last weights as in the dense baseline: oneDNN's convs (conv3 on packed patches, the
+        # layer branch, the unfused composites) want them; the fused kernels repack weights anyway.
+        block = prepare(self.block(model, spec, mode, gran), mode, keep).to(memory_format=torch.channels_last)
         x = block_input(spec, batch or self.batch, self.device, self.dtype, True)
         with unfused_ops(unfused):
             ms = time_ms(lambda: block(x), self.min_run_time, self.device)

@@ -190,7 +190,6 @@ def print_rates(rows, args, profile_batch, measure, mbatch):
     where = f"measured on {C.machine_name(measure)} at batch {mbatch}" if measure != "none" else "nothing measured"
     print(f"\nspeed-up over dense (dense / dynamic latency) at each activation rate; predicted for {args.gpu} "
           f"at batch {profile_batch}, {args.dtype}; {where}")
-    rates = "".join(f"{r:>8.2f}" for r in args.rates)
     for block in dict.fromkeys(r["block"] for r in rate_rows):
         mine = [r for r in rate_rows if r["block"] == block]
         for device in dict.fromkeys(r["device"] for r in mine):
@@ -203,17 +202,29 @@ def print_rates(rows, args, profile_batch, measure, mbatch):
                 title = (f"{device}, measured: dense {dense['channels_last']['measured_ms']:.4g} ms channels_last, "
                          f"{dense['nchw']['measured_ms']:.4g} ms NCHW")
                 key = "measured_speedup"
+            measured = device != args.gpu
+            if measured:
+                title += f" -- measured speed-up (predicted for {rs[0].get('profile')})"
             print(f"\n{block} -- {title}")
-            print(f"  {'paradigm':18}{'S/G':>4}{rates}")
+            width = 15 if measured else 8
+            print(f"  {'paradigm':18}{'S/G':>4}" + "".join(f"{r:>{width}.2f}" for r in args.rates))
             for mode in args.modes:
                 for sched in ("fused", "unfused"):
                     cells = {r["rate"]: r for r in rs if r["mode"] == mode and r["schedule"] == sched}
                     if not cells:
                         continue
                     gran = next(iter(cells.values()))["granularity"]
-                    vals = "".join(f"{cells[r][key]:>7.2f}x" if r in cells and cells[r].get(key) is not None
-                                   else f"{'-':>8}" for r in args.rates)
+                    vals = "".join(_cell(cells.get(r), key, measured, width) for r in args.rates)
                     print(f"  {mode + ' ' + sched:18}{gran:>4}{vals}")
+
+
+def _cell(row, key, measured, width):
+    if row is None or row.get(key) is None:
+        return f"{'-':>{width}}"
+    text = f"{row[key]:.2f}x"
+    if measured and row.get("predicted_speedup") is not None:
+        text += f" ({row['predicted_speedup']:.2f})"
+    return f"{text:>{width}}"
 
 
 def print_sweep(rows, args):
