@@ -30,6 +30,21 @@ CSV_COLUMNS = ("device", "block", "mode", "granularity", "rate", "predicted_ms",
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 
+def _scatter_add(residual, packed, indices, activation="relu"):
+    """Unfused scatter-add, the conventional order: scatter the packed patches into a zero map of the
+    output's size, then add the residual and activate -- separate kernels. (The reference's
+    ``scatter_add`` would also validate the indices with a sort; that is not part of the schedule.)"""
+    N, C, H, W = residual.shape
+    S = packed.shape[2]
+    Hp, Wp = math.ceil(H / S), math.ceil(W / S)
+    fmt = torch.channels_last if residual.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    canvas = residual.new_zeros(N, C, Hp * S, Wp * S).contiguous(memory_format=fmt)
+    patches = canvas.view(N, C, Hp, S, Wp, S).permute(0, 2, 4, 1, 3, 5)  # splitting dims: a view in any format
+    n, py, px = indices.long().unbind(1)
+    patches.index_put_((n, py, px), packed)
+    return reference._activate(residual + canvas[:, :, :H, :W], activation)
+
+
 def _sample_gather(x, gates):
     """Unfused sample gather: index list, then a row copy."""
     sel = gates.nonzero().flatten().to(torch.int32)
@@ -45,14 +60,14 @@ def _sample_scatter_add(residual, y, sel, activation="relu"):
 
 
 # Which composite replaces each fused op in the "unfused" schedule (the paper's Table I baseline).
-# Spatial: laudnet_ops.unfused (gather tiles -> dense conv, conv + pool + masker conv, residual gather /
-# add / scatter). Layer: index_select / add / index_copy_ composites. Channel skipping has no
+# Spatial: laudnet_ops.unfused (gather halo tiles -> dense conv; conv + pool + masker conv) and a scatter
+# into a zero map followed by the residual add. Layer: index_select / add / index_copy_ composites. Channel skipping has no
 # separate fusion to switch off (the weight gather is part of the gated conv), so it has no unfused row.
 _UNFUSED_OPS = {
     "masker_conv1x1": unfused.masker_conv1x1,
     "gather_conv2d": unfused.gather_conv2d,
-    "scatter_add": unfused.scatter_add,
-    "scatter_add_": unfused.scatter_add,
+    "scatter_add": _scatter_add,
+    "scatter_add_": _scatter_add,
     "sample_gather": _sample_gather,
     "sample_scatter_add": _sample_scatter_add,
     "sample_scatter_add_": _sample_scatter_add,

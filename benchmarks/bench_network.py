@@ -10,7 +10,8 @@ branch); a seeded random fraction of each block's units is kept -- the keep rati
 accounting gives for that block and rate -- so predicted and measured rows describe the same networks.
 Stem, head and projection shortcuts stay dense. Measured: the library's models in eval, sparse path
 (batch norm folded), channels_last input; dense in NCHW and channels_last, speed-ups over the faster.
-The ``realised_rate`` column is the executed / dense FLOPs of the measured forward (laudnet_ops.nn.stats).
+The ``realised_flops_ratio`` column (``(FLOPs)`` lines) is executed / dense FLOPs of the last measured forward,
+stem and head included (laudnet_ops.nn.stats): a check that the measured network did the asked-for work.
 """
 
 import argparse
@@ -128,7 +129,7 @@ def run(args, profile, batch, measure_on, mbatch, bar):
                                granularity=gtext, rate=rate, layout=layout, batch=mbatch, dtype=args.dtype,
                                predicted_ms=None if mp is None else (mp.dense if mode == "dense" else mp.dynamic) * 1e3,
                                predicted_speedup=None if mp is None else (1.0 if mode == "dense" else mp.speedup),
-                               measured_ms=ms, realised_rate=realised)
+                               measured_ms=ms, realised_flops_ratio=realised)
                     if dense_meas:
                         row["measured_speedup"] = min(dense_meas.values()) / ms
                     rows.append(row)
@@ -168,9 +169,9 @@ def print_table(rows, args):
                                else f"{'-':>8}" for r in args.rates)
                 print(f"  {mode:10}{gran:>9}{vals}")
                 if measured:
-                    realised = "".join(f"{cells[r]['realised_rate']:>8.2f}" if r in cells else f"{'-':>8}"
+                    realised = "".join(f"{cells[r]['realised_flops_ratio']:>8.2f}" if r in cells else f"{'-':>8}"
                                        for r in args.rates)
-                    print(f"  {'  (rate)':10}{'':>9}{realised}")
+                    print(f"  {'  (FLOPs)':10}{'':>9}{realised}")
 
 
 def plot(rows, args, path):
@@ -230,7 +231,7 @@ def main(argv=None):
     print_table(rows, args)
     if args.csv:
         C.write_csv(args.csv, rows, ("batch", "dtype", "predicted_speedup", "measured_speedup", "profile",
-                                     "layout", "realised_rate"))
+                                     "layout", "realised_flops_ratio"))
     if args.plot:
         plot(rows, args, args.plot)
     return 0
