@@ -44,7 +44,8 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--min-run-time", type=float, default=3.0)
+    parser.add_argument("--min-run-time", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default="spatial,channel,layer")
     parser.add_argument("--csv", help="also write the rows to this CSV file")
     args = parser.parse_args(argv)
@@ -57,35 +58,36 @@ def main(argv=None):
     inputs = {name: x.contiguous(memory_format=fmt) for name, fmt in FORMATS.items()}
     rows = []
 
-    def add(network, execution, fmt, seconds, ratio_to=None, flops_ratio=None):
-        rows.append(dict(network=network, execution=execution, format=fmt, ms=1e3 * seconds,
-                         ratio=None if ratio_to is None else seconds / ratio_to, flops_ratio=flops_ratio))
-
-    baseline = {}
-    for fmt, xin in inputs.items():
-        baseline[fmt] = measure(dense, xin, args.min_run_time)
-        add("dense", "folded BN", fmt, baseline[fmt])
+    # Every configuration is timed once per round, rounds interleaved, and its fastest round kept:
+    # on a shared machine this keeps load drift out of the ratios.
+    configs = [("dense", "folded BN", fmt, dense, None) for fmt in FORMATS]
     unfolded = build("dense", 1.0, state)
     set_execution(unfolded, "masked")
-    for fmt, xin in inputs.items():
-        add("dense", "torchvision-style (BN unfolded)", fmt, measure(unfolded, xin, args.min_run_time))
-    best = min(baseline.values())
-
+    configs += [("dense", "torchvision-style (BN unfolded)", fmt, unfolded, None) for fmt in FORMATS]
     for mode in filter(None, args.modes.split(",")):
         missing = missing_sparse_ops(mode)
         if missing:
             print(f"{mode}: skipped, ops not built: {missing}", file=sys.stderr)
             continue
         model = build(mode, args.keep, state)
-        for fmt, xin in inputs.items():
-            seconds = measure(model, xin, args.min_run_time)
-            add(f"{mode} keep={args.keep}", "sparse", fmt, seconds, best, float(stats(model)["flops_ratio"]))
+        configs += [(f"{mode} keep={args.keep}", "sparse", fmt, model, mode) for fmt in FORMATS]
+    best_time = [float("inf")] * len(configs)
+    flops = [None] * len(configs)
+    for _ in range(args.rounds):
+        for i, (_, _, fmt, model, mode) in enumerate(configs):
+            best_time[i] = min(best_time[i], measure(model, inputs[fmt], args.min_run_time))
+            if mode is not None:
+                flops[i] = float(stats(model)["flops_ratio"])
+    best = min(t for t, c in zip(best_time, configs) if c[1] == "folded BN")
+    for (network, execution, fmt, _, mode), seconds, ratio in zip(configs, best_time, flops):
+        rows.append(dict(network=network, execution=execution, format=fmt, ms=1e3 * seconds,
+                         ratio=seconds / best, flops_ratio=ratio))
 
     print(f"LAUD-ResNet-50, eval, batch {args.batch}, {args.size}x{args.size}, float32, "
           f"{torch.get_num_threads()} threads; ratio = time / fastest dense ({1e3 * best:.1f} ms)")
     print(f"{'network':<18} {'execution':<32} {'format':<14} {'ms':>9} {'ratio':>7} {'FLOPs ratio':>12}")
     for r in rows:
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        ratio = f"{r['ratio']:.3f}"
         flops = "" if r["flops_ratio"] is None else f"{r['flops_ratio']:.3f}"
         print(f"{r['network']:<18} {r['execution']:<32} {r['format']:<14} {r['ms']:>9.1f} {ratio:>7} {flops:>12}")
     if args.csv:

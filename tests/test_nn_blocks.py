@@ -85,6 +85,23 @@ def test_masked_and_sparse_agree_in_eval(kind, stride, mode, granularity, keep):
 
 
 @pytest.mark.parametrize("kind", ["bottleneck", "regnet"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("mode,granularity", [("dense", 1), ("spatial", 3), ("channel", 2), ("layer", 1)])
+def test_masked_and_sparse_agree_on_channels_last_maps(kind, stride, mode, granularity):
+    needs_sparse_ops(mode)
+    block = _blocks(kind, mode, granularity, stride, force_keep=0.5).eval()
+    x = F.relu(torch.randn(3, 16, 9, 7)).contiguous(memory_format=torch.channels_last)
+    set_force_keep(block, 0.5, seed=1)
+    set_execution(block, "masked")
+    expected = block(x)
+    set_force_keep(block, 0.5, seed=1)
+    set_execution(block, "sparse")
+    got = block(x.clone(memory_format=torch.channels_last))
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "regnet"])
 @pytest.mark.parametrize("mode,granularity", MODE_CASES)
 def test_sparse_in_place_residual_when_the_block_owns_its_input(kind, mode, granularity):
     needs_sparse_ops(mode)

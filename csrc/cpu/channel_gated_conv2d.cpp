@@ -10,8 +10,12 @@
 //
 // Two layouts, each with its own packing order so every copy runs over
 // contiguous memory: NCHW packs (channel, ky, kx) rows of pixels, channels_last
-// packs pixels of (ky, kx, channel) runs. The GEMMs are ATen mm calls (MKL) on
-// views of the thread-local buffers.
+// packs pixels of (ky, kx, channel) runs. The GEMMs go through row_gemm.h:
+// float32 on ATen's oneDNN micro-kernel (the same one the dense oneDNN
+// convolutions are built from, so the comparison with them is like for like),
+// other dtypes on ATen mm calls (MKL) on views of the thread-local buffers.
+// channels_last multiplies the packed tile by a weight slice stored
+// [K, active outputs], the row-major B operand the micro-kernel takes.
 //
 // Each thread's GEMMs must run single-threaded: PyTorch turns MKL's dynamic
 // threading off, so an MKL call inside an OpenMP region would open a nested
@@ -23,8 +27,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -32,6 +34,7 @@
 
 #include "../activation.h"
 #include "../channel_geometry.h"
+#include "row_gemm.h"
 
 // MKL's Fortran-convention setter (argument by pointer), exported by
 // libtorch_cpu when torch is built with MKL. Weak, so a torch without it still
@@ -123,15 +126,16 @@ struct Workspace {
   int64_t n = -1;
   Active in, out;
   std::vector<scalar_t> wslice, col, acc;
-  std::vector<const scalar_t*> wptr;  // per conv group: [n_out, K] rows, K in packing order
+  // per conv group: NCHW [n_out, K] rows, channels_last [K, n_out] rows; K in packing order
+  std::vector<const scalar_t*> wptr;
 };
 
 template <typename scalar_t, bool kChannelsLast>
 class ChannelConv {
  public:
   ChannelConv(const ConvGeometry& g, const scalar_t* x, const scalar_t* w, const scalar_t* bias,
-              const bool* in_gates, const bool* out_gates, scalar_t* y, at::TensorOptions opts)
-      : g_(g), x_(x), w_(w), bias_(bias), in_gates_(in_gates), out_gates_(out_gates), y_(y), opts_(opts) {
+              const bool* in_gates, const bool* out_gates, scalar_t* y)
+      : g_(g), x_(x), w_(w), bias_(bias), in_gates_(in_gates), out_gates_(out_gates), y_(y) {
     KK_ = g.KH * g.KW;
     HWo_ = g.Ho * g.Wo;
     const int64_t k_dense = std::max<int64_t>(1, g.cin_g() * KK_);
@@ -161,11 +165,14 @@ class ChannelConv {
       if (n != ws.n) load_sample(ws, n);
       for (int64_t grp = 0; grp < g_.groups; ++grp) tile<A>(ws, n, grp, t0, t1);
     }
+    cpu::gemm_release<scalar_t>();
   }
 
  private:
   // The sample's channel lists and, per convolution group, its weight slice
-  // [active outputs, active inputs x KH x KW] in this layout's packing order.
+  // [active outputs, active inputs x KH x KW] (NCHW) or its transpose
+  // (channels_last), in this layout's packing order. The weight w_ comes in the
+  // same form: NCHW [Cout, K] rows, channels_last [groups][K, Cout_g].
   void load_sample(Workspace<scalar_t>& ws, int64_t n) const {
     ws.n = n;
     ws.in.collect(in_gates_ ? in_gates_ + n * (g_.Cin / g_.G) : nullptr, g_.cin_g(), g_.groups, g_.G);
@@ -184,17 +191,22 @@ class ChannelConv {
         continue;
       }
       ws.wptr[grp] = dst;
-      const int64_t nin = ws.in.count(grp);
-      for (int64_t j = 0; j < ws.out.count(grp); ++j) {
-        const scalar_t* row = wg + ws.out.begin(grp)[j] * K_dense;
-        if (kChannelsLast) {  // weight rows are (ky, kx, ci): copy the active runs per tap
-          for (int64_t kk = 0; kk < KK_; ++kk)
-            for (int64_t r = ws.in.run_off[grp]; r < ws.in.run_off[grp + 1]; ++r) {
-              const Run& run = ws.in.runs[r];
-              dst = std::copy(row + kk * Cin_g + run.start, row + kk * Cin_g + run.start + run.len, dst);
+      const int64_t nout = ws.out.count(grp);
+      const int64_t* outs = ws.out.begin(grp);
+      if (kChannelsLast) {  // K rows (ky, kx, active ci), each the active outputs of that input
+        for (int64_t kk = 0; kk < KK_; ++kk)
+          for (int64_t r = ws.in.run_off[grp]; r < ws.in.run_off[grp + 1]; ++r) {
+            const Run& run = ws.in.runs[r];
+            for (int64_t ci = run.start; ci < run.start + run.len; ++ci) {
+              const scalar_t* src = wg + (kk * Cin_g + ci) * Cout_g;
+              for (int64_t j = 0; j < nout; ++j) dst[j] = src[outs[j]];
+              dst += nout;
             }
-        } else {  // weight rows are (ci, ky, kx): copy KH x KW taps per active channel
-          for (int64_t i = 0; i < nin; ++i) {
+          }
+      } else {  // weight rows are (ci, ky, kx): copy KH x KW taps per active channel
+        for (int64_t j = 0; j < nout; ++j) {
+          const scalar_t* row = wg + outs[j] * K_dense;
+          for (int64_t i = 0; i < ws.in.count(grp); ++i) {
             const scalar_t* taps = row + ws.in.begin(grp)[i] * KK_;
             dst = std::copy(taps, taps + KK_, dst);
           }
@@ -248,7 +260,7 @@ class ChannelConv {
       epilogue_scatter<A>(ws, n, grp, t0, t1, acc);
   }
 
-  // NCHW: acc[nout, T] = w[nout, K] @ cols[K, T]; channels_last: acc[T, nout] = cols[T, K] @ w[nout, K]^T.
+  // NCHW: acc[nout, T] = w[nout, K] @ cols[K, T]; channels_last: acc[T, nout] = cols[T, K] @ w[K, nout].
   void gemm(const scalar_t* w, int64_t nout, int64_t K, const scalar_t* cols, int64_t ld_cols, int64_t T,
             scalar_t* acc, int64_t ld_acc) const {
     if (K == 0) {  // no input channel on: the convolution is just the bias
@@ -256,17 +268,10 @@ class ChannelConv {
         std::fill(acc + r * ld_acc, acc + r * ld_acc + (kChannelsLast ? nout : T), scalar_t(0));
       return;
     }
-    auto view = [&](const scalar_t* p, at::IntArrayRef sizes, at::IntArrayRef strides) {
-      return at::from_blob(const_cast<scalar_t*>(p), sizes, strides, opts_);
-    };
-    const at::Tensor wt = view(w, {nout, K}, {K, 1});
-    if (kChannelsLast) {
-      at::Tensor out = view(acc, {T, nout}, {ld_acc, 1});
-      at::mm_out(out, view(cols, {T, K}, {ld_cols, 1}), wt.t());
-    } else {
-      at::Tensor out = view(acc, {nout, T}, {ld_acc, 1});
-      at::mm_out(out, wt, view(cols, {K, T}, {ld_cols, 1}));
-    }
+    if (kChannelsLast)
+      cpu::gemm_rowmajor<scalar_t>(T, nout, K, cols, ld_cols, w, nout, acc, ld_acc);
+    else
+      cpu::gemm_rowmajor<scalar_t>(nout, T, K, w, K, cols, ld_cols, acc, ld_acc);
   }
 
   void pack(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1) const {
@@ -411,7 +416,6 @@ class ChannelConv {
   const bool* in_gates_;
   const bool* out_gates_;
   scalar_t* y_;
-  at::TensorOptions opts_;
   int64_t KK_, HWo_, T_, ntiles_;
 };
 
@@ -430,8 +434,12 @@ at::Tensor channel_gated_conv2d_cpu(const at::Tensor& x, const at::Tensor& weigh
   at::Tensor y = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x.options().memory_format(layout));
   if (y.numel() == 0) return y;
   const at::Tensor src = x.contiguous(layout);
-  // channels_last packs (ky, kx, ci): the weight rows get the same order once per call.
-  const at::Tensor w = nhwc ? weight.permute({0, 2, 3, 1}).contiguous() : weight.contiguous();
+  // channels_last packs (ky, kx, ci) and multiplies by [K, Cout_g] per group: arranged once per call.
+  const at::Tensor w = nhwc ? weight.permute({0, 2, 3, 1})
+                                  .reshape({g.groups, g.cout_g(), g.cin_g() * g.KH * g.KW})
+                                  .transpose(1, 2)
+                                  .contiguous()
+                            : weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor gin = in_gates.has_value() ? in_gates->contiguous() : at::Tensor();
   const at::Tensor gout = out_gates.has_value() ? out_gates->contiguous() : at::Tensor();
@@ -450,8 +458,7 @@ at::Tensor channel_gated_conv2d_cpu(const at::Tensor& x, const at::Tensor& weigh
     const auto args = std::make_tuple(g, src.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                       b.defined() ? b.data_ptr<scalar_t>() : nullptr,
                                       gin.defined() ? gin.data_ptr<bool>() : nullptr,
-                                      gout.defined() ? gout.data_ptr<bool>() : nullptr, y.data_ptr<scalar_t>(),
-                                      src.options());
+                                      gout.defined() ? gout.data_ptr<bool>() : nullptr, y.data_ptr<scalar_t>());
     if (nhwc)
       launch(std::make_from_tuple<ChannelConv<scalar_t, true>>(args));
     else

@@ -4,12 +4,14 @@ Parameter names are torchvision's ``resnet50`` / ``resnet101``: their state dict
 (``strict=False`` reports the maskers as the only missing keys, see :func:`load_backbone`).
 """
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..nn.blocks import DynamicBottleneck
+from ..nn.folding import FoldedWeights
 from ._common import Granularity, init_backbone, stage_granularity
 
 __all__ = ["LaudResNet", "laud_resnet50", "laud_resnet101"]
@@ -48,6 +50,10 @@ class LaudResNet(nn.Module):
         self.fc = nn.Linear(512 * DynamicBottleneck.expansion, num_classes)
         init_backbone(self)
         self._laud_static_macs = None
+        self._stem_folded = FoldedWeights()
+
+    def _inference_path(self) -> bool:
+        return not self.training and self.layer1[0].resolved_execution() == "sparse"
 
     def _make_layer(self, planes, blocks, stride, mode, granularity, force_keep) -> nn.Sequential:
         expansion = DynamicBottleneck.expansion
@@ -70,9 +76,14 @@ class LaudResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N = x.shape[0]
-        x = self.conv1(x)
+        if self._inference_path():
+            # Where the blocks run folded, so does the stem: one conv instead of conv + batch norm.
+            w, b = self._stem_folded("conv1", self.conv1, self.bn1)
+            x = F.relu_(F.conv2d(x, w, b, self.conv1.stride, self.conv1.padding))
+        else:
+            x = self.relu(self.bn1(self.conv1(x)))
         stem_macs = self.conv1.weight.numel() * x.shape[2] * x.shape[3]
-        x = self.maxpool(self.relu(self.bn1(x)))
+        x = self.maxpool(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(self.avgpool(x), 1)
         self._laud_static_macs = float(N * (stem_macs + self.fc.weight.numel()))

@@ -124,8 +124,8 @@ class DynamicBlock(nn.Module):
             geometry = dict(patch_size=self.granularity, stride=self.stride, in_hw=in_hw, out_hw=out_hw)
         self._laud_record = BlockRecord(self.mode, x.shape[0], parts, mask, geometry)
 
-    def _fold(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
-        return self._folded(name, conv, bn)
+    def _fold(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, layout: Optional[str] = None) -> tuple:
+        return self._folded(name, conv, bn, layout)
 
     def _residual_add(self, identity, packed, indices, projected: bool):
         """``relu(identity + patches)``: in place when this block owns a post-ReLU input."""
@@ -144,6 +144,12 @@ class DynamicBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, granularity={self.granularity}, execution={self.execution!r}"
+
+
+def _weight_layout(x: torch.Tensor) -> Optional[str]:
+    """channels_last weights for a channels_last map: the channel-gated kernel then reads them as they are."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return "channels_last" if cl else None
 
 
 def _alive(gates: torch.Tensor) -> torch.Tensor:
@@ -226,7 +232,7 @@ class DynamicBottleneck(DynamicBlock):
     def _sparse_spatial(self, x):
         S = self.granularity
         w1, b1 = self._fold("conv1", self.conv1, self.bn1)
-        w2, b2 = self._fold("conv2", self.conv2, self.bn2)
+        w2, b2 = self._fold("conv2", self.conv2, self.bn2, "taps_major")
         w3, b3 = self._fold("conv3", self.conv3, self.bn3)
         masker = self.masker.conv
         # conv1 runs on every input pixel: the fused masker reads them all anyway, and in a stride-2
@@ -248,7 +254,7 @@ class DynamicBottleneck(DynamicBlock):
         gates = self.masker.decide(self.masker.logits(x)) > 0
         gated = op("channel_gated_conv2d")
         w1, b1 = self._fold("conv1", self.conv1, self.bn1)
-        w2, b2 = self._fold("conv2", self.conv2, self.bn2)
+        w2, b2 = self._fold("conv2", self.conv2, self.bn2, _weight_layout(x))
         w3, b3 = self._fold("conv3", self.conv3, self.bn3)
         c2 = self.conv2
         y = gated(x, w1, b1, None, gates, G, activation="relu")

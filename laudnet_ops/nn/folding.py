@@ -23,6 +23,15 @@ def fold_bn(weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.BatchNorm
     return weight * scale.reshape(-1, 1, 1, 1), shift
 
 
+def _lay_out(w: torch.Tensor, layout: Optional[str], groups: int) -> torch.Tensor:
+    if layout == "channels_last":
+        return w.contiguous(memory_format=torch.channels_last)
+    if layout == "taps_major" and groups == 1:
+        # A (Cout, Cin, K, K) view of a contiguous (K, K, Cin, Cout) buffer.
+        return w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    return w.contiguous()
+
+
 class FoldedWeights:
     """Folded ``(w, b)`` per named (conv, bn) pair of one block, recomputed only when a parameter or statistic changes.
 
@@ -33,15 +42,20 @@ class FoldedWeights:
     def __init__(self):
         self._cache = {}
 
-    def __call__(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+    def __call__(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, layout: Optional[str] = None) -> tuple:
+        """``(w, b)``; ``layout`` lays ``w`` out in memory (same values) the way a kernel reads it:
+        ``"channels_last"``, or ``"taps_major"`` ((ky, kx, Cin, Cout) order, for gather_conv2d's CPU
+        GEMM), so the kernel need not re-lay the weight on every call."""
         tensors = [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
                    if t is not None]
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        name = (name, layout)
         hit = self._cache.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
         with torch.no_grad():
-            folded = fold_bn(conv.weight, conv.bias, bn)
+            w, b = fold_bn(conv.weight, conv.bias, bn)
+            folded = (_lay_out(w, layout, conv.groups), b)
         self._cache[name] = (key, folded)
         return folded
 
