@@ -30,6 +30,21 @@ CSV_COLUMNS = ("device", "block", "mode", "granularity", "rate", "predicted_ms",
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
 
+_WEIGHTS_CL = {}
+
+
+def _gather_conv2d(x, indices, weight, bias, *args):
+    """Unfused gather-conv with a channels_last weight (cached), whatever layout the block keeps for the
+    fused kernel: oneDNN's conv on the gathered tiles would otherwise re-lay the weight on every call."""
+    hit = _WEIGHTS_CL.get(id(weight))
+    if hit is None or hit[0] is not weight or hit[1] != weight._version:
+        if len(_WEIGHTS_CL) > 64:
+            _WEIGHTS_CL.clear()
+        # The source is kept alive in the entry, so its id cannot be reused while cached.
+        hit = _WEIGHTS_CL[id(weight)] = (weight, weight._version, weight.contiguous(memory_format=torch.channels_last))
+    return unfused.gather_conv2d(x, indices, hit[2], bias, *args)
+
+
 def _scatter_add(residual, packed, indices, activation="relu"):
     """Unfused scatter-add, the conventional order: scatter the packed patches into a zero map of the
     output's size, then add the residual and activate -- separate kernels. (The reference's
@@ -65,7 +80,7 @@ def _sample_scatter_add(residual, y, sel, activation="relu"):
 # separate fusion to switch off (the weight gather is part of the gated conv), so it has no unfused row.
 _UNFUSED_OPS = {
     "masker_conv1x1": unfused.masker_conv1x1,
-    "gather_conv2d": unfused.gather_conv2d,
+    "gather_conv2d": _gather_conv2d,
     "scatter_add": _scatter_add,
     "scatter_add_": _scatter_add,
     "sample_gather": _sample_gather,
