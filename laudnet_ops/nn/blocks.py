@@ -147,9 +147,10 @@ class DynamicBlock(nn.Module):
 
 
 def _weight_layout(x: torch.Tensor) -> Optional[str]:
-    """channels_last weights for a channels_last map: the channel-gated kernel then reads them as they are."""
+    """The weight layout the channel-gated CPU kernel reads without re-laying it: (ky, kx, Cin, Cout)
+    for a channels_last map, plain contiguous otherwise."""
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return "channels_last" if cl else None
+    return "taps_major" if cl else None
 
 
 def _alive(gates: torch.Tensor) -> torch.Tensor:
@@ -253,9 +254,10 @@ class DynamicBottleneck(DynamicBlock):
         G = self.granularity
         gates = self.masker.decide(self.masker.logits(x)) > 0
         gated = op("channel_gated_conv2d")
-        w1, b1 = self._fold("conv1", self.conv1, self.bn1)
-        w2, b2 = self._fold("conv2", self.conv2, self.bn2, _weight_layout(x))
-        w3, b3 = self._fold("conv3", self.conv3, self.bn3)
+        layout = _weight_layout(x)
+        w1, b1 = self._fold("conv1", self.conv1, self.bn1, layout)
+        w2, b2 = self._fold("conv2", self.conv2, self.bn2, layout)
+        w3, b3 = self._fold("conv3", self.conv3, self.bn3, layout)
         c2 = self.conv2
         y = gated(x, w1, b1, None, gates, G, activation="relu")
         y = gated(y, w2, b2, gates, gates, G, c2.stride[0], c2.padding[0], c2.dilation[0], c2.groups, "relu")
