@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared check for a machine with a GPU (no internet needed): build the extension for the
 # visible GPU, run every CUDA test, run compute-sanitizer's memcheck over the sparse kernels' tests,
-# run the block benchmark, and print a one-screen summary. Designed to finish in under 8 minutes.
+# run the block, network and fusion-ablation benchmarks, and print a one-screen summary. Designed to finish in under 8 minutes.
 #
 #   bash benchmarks/gpu_check.sh            # logs and CSVs go to $OUT, or benchmarks/out/gpu
 #
@@ -63,11 +63,18 @@ else
   note "memcheck   skipped: compute-sanitizer not found"
 fi
 
-step bench 240 $PY benchmarks/bench_block.py --gpu h100 --batch 128 --csv "$OUTDIR/bench_block.csv"
+step bench 240 $PY benchmarks/bench_block.py --gpu h100 --batch 128 --quiet --csv "$OUTDIR/bench_block.csv" \
+  --plot "$OUTDIR/bench_block.png"
+step network 120 $PY benchmarks/bench_network.py --gpu h100 --batch 128 --models resnet50,regnety400mf --quiet \
+  --min-run-time 0.1 --csv "$OUTDIR/bench_network.csv"
+step ablation 90 $PY benchmarks/ablation_fusion.py --gpu h100 --batch 128 --quiet --csv "$OUTDIR/ablation_fusion.csv"
 
 echo
 echo "=== bench_block (head) ==="
-sed -n '1,20p' "$OUTDIR/bench.log"
+sed -n '1,24p' "$OUTDIR/bench.log"
+echo
+echo "=== ablation_fusion ==="
+tail -n 9 "$OUTDIR/ablation.log"
 echo
 echo "=== summary ==="
 cat "$summary"
