@@ -127,16 +127,31 @@ class DynamicBlock(nn.Module):
     def _fold(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, layout: Optional[str] = None) -> tuple:
         return self._folded(name, conv, bn, layout)
 
-    def _residual_add(self, identity, packed, indices, projected: bool):
+    def _projection(self) -> Optional[nn.Module]:
+        """The projection shortcut, or None for an identity shortcut."""
+        raise NotImplementedError
+
+    def _in_place_residual(self) -> bool:
+        # The identity is this block's own post-ReLU input only without a projection shortcut.
+        return self.owns_activated_input and self._projection() is None
+
+    def _residual_add(self, identity, packed, indices):
         """``relu(identity + patches)``: in place when this block owns a post-ReLU input."""
-        if self.owns_activated_input and not projected:
+        if self._in_place_residual():
             return op("scatter_add_")(identity, packed, indices, "relu")
         return op("scatter_add")(identity, packed, indices, "relu")
 
-    def _sample_residual_add(self, identity, y, sel, projected: bool):
-        if self.owns_activated_input and not projected:
-            return op("sample_scatter_add_")(identity, y, sel, "relu")
-        return op("sample_scatter_add")(identity, y, sel, "relu")
+    def _sparse_layer(self, x):
+        """Layer skipping: the branch runs on the kept samples only, scattered back with the residual."""
+        gates = self.masker.decide(self.masker.logits(x)) > 0
+        identity = self._identity(x)
+        self._record(x, tuple(identity.shape[2:]), gates)
+        if int(gates.sum()) == x.shape[0]:  # nothing to gather
+            return F.relu_(self._branch(x).add_(identity))
+        selected, sel = op("sample_gather")(x, gates)
+        y = self._branch(selected)
+        scatter = "sample_scatter_add_" if self._in_place_residual() else "sample_scatter_add"
+        return op(scatter)(identity, y, sel, "relu")
 
     def _spatial_mask(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Bool patch mask from the fused masker's logits ``(N, 1, Hp, Wp)``."""
@@ -209,6 +224,9 @@ class DynamicBottleneck(DynamicBlock):
 
     # -- sparse path -------------------------------------------------------------------------
 
+    def _projection(self) -> Optional[nn.Module]:
+        return self.downsample
+
     def _identity(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is None:
             return x
@@ -248,7 +266,7 @@ class DynamicBottleneck(DynamicBlock):
         packed = F.conv2d(packed, w3, b3)
         identity = self._identity(x)
         self._record(x, tuple(identity.shape[2:]), mask)
-        return self._residual_add(identity, packed, indices, self.downsample is not None)
+        return self._residual_add(identity, packed, indices)
 
     def _sparse_channel(self, x):
         G = self.granularity
@@ -266,16 +284,6 @@ class DynamicBottleneck(DynamicBlock):
             y.mul_(_alive(gates.to(y.dtype)))
         self._record(x, tuple(y.shape[2:]), gates)
         return F.relu_(y.add_(self._identity(x)))
-
-    def _sparse_layer(self, x):
-        gates = self.masker.decide(self.masker.logits(x)) > 0
-        identity = self._identity(x)
-        self._record(x, tuple(identity.shape[2:]), gates)
-        if int(gates.sum()) == x.shape[0]:  # nothing to gather
-            return F.relu_(self._branch(x).add_(identity))
-        selected, sel = op("sample_gather")(x, gates)
-        y = self._branch(selected)
-        return self._sample_residual_add(identity, y, sel, self.downsample is not None)
 
     def _dense_parts(self, in_hw, out_hw) -> dict:
         parts = {"conv1": _conv_macs(self.conv1, in_hw), "conv2": _conv_macs(self.conv2, out_hw),
@@ -369,6 +377,9 @@ class DynamicRegNetYBlock(DynamicBlock):
 
     # -- sparse path -------------------------------------------------------------------------
 
+    def _projection(self) -> Optional[nn.Module]:
+        return self.proj
+
     def _identity(self, x):
         if self.proj is None:
             return x
@@ -413,7 +424,7 @@ class DynamicRegNetYBlock(DynamicBlock):
         packed = packed * scale[sample][:, :, None, None]
         packed = F.conv2d(packed, wc, bc)
         self._record(x, out_hw, mask)
-        return self._residual_add(identity, packed, indices, self.proj is not None)
+        return self._residual_add(identity, packed, indices)
 
     def _sparse_channel(self, x):
         G = self.granularity
@@ -429,16 +440,6 @@ class DynamicRegNetYBlock(DynamicBlock):
             y.mul_(_alive(gates.to(y.dtype)))
         self._record(x, tuple(y.shape[2:]), gates)
         return F.relu_(y.add_(self._identity(x)))
-
-    def _sparse_layer(self, x):
-        gates = self.masker.decide(self.masker.logits(x)) > 0
-        identity = self._identity(x)
-        self._record(x, tuple(identity.shape[2:]), gates)
-        if int(gates.sum()) == x.shape[0]:  # nothing to gather
-            return F.relu_(self._branch(x).add_(identity))
-        selected, sel = op("sample_gather")(x, gates)
-        y = self._branch(selected)
-        return self._sample_residual_add(identity, y, sel, self.proj is not None)
 
     def _dense_parts(self, in_hw, out_hw) -> dict:
         f = self.f
