@@ -118,6 +118,17 @@ def measuring_device(measure: str, profile: str) -> str:
     return measure
 
 
+def batches(args, profile, measure_on: str):
+    """(predicted batch, measured batch or None) from --batch / --cpu-batch and the profile.
+
+    The host profile is predicted at the batch the CPU is measured at; a GPU profile at its
+    paper batch, while a CPU measuring beside it uses --cpu-batch."""
+    host = args.gpu == "host"
+    batch = args.batch or (args.cpu_batch if host else profile.default_batch)
+    measured = {"cuda": batch, "cpu": batch if host else args.cpu_batch}.get(measure_on)
+    return batch, measured
+
+
 def machine_name(device: str) -> str:
     if device == "cuda":
         return f"cuda:{torch.cuda.get_device_name()}"

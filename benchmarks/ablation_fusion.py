@@ -70,8 +70,7 @@ def main(argv=None):
     C.configure_cpu(args.threads, args.clock)
     profile = C.profile(args.gpu)
     measure_on = C.measuring_device(args.measure, args.gpu)
-    batch = args.batch or (args.cpu_batch if args.gpu == "host" else profile.default_batch)
-    mbatch = {"cuda": batch, "cpu": batch if args.gpu == "host" else args.cpu_batch}.get(measure_on)
+    batch, mbatch = C.batches(args, profile, measure_on)
     machine = C.matching_profile(measure_on) if measure_on != "none" else None
     measurer = None
     if measure_on != "none":

@@ -308,13 +308,8 @@ def main(argv=None):
     torch.manual_seed(0)
     profile = predictor.get_device(args.gpu)
     measure = C.measuring_device(args.measure, args.gpu)
-    if args.gpu == "host":
-        # Predict this CPU at the batch it is measured at.
-        batch = args.batch or args.cpu_batch
-    else:
-        batch = args.batch or profile.default_batch
+    batch, mbatch = C.batches(args, profile, measure)
     blocks = [C.find_block(name) for name in (args.block or C.default_blocks())]
-    mbatch = {"cuda": batch, "cpu": batch if args.gpu == "host" else args.cpu_batch}.get(measure)
     measurer = C.Measurer(measure, mbatch, args.dtype, args.min_run_time) if mbatch else None
 
     print(f"bench_block: profile {args.gpu} ({profile.description}), "

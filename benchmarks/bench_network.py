@@ -211,11 +211,7 @@ def main(argv=None):
     torch.manual_seed(0)
     profile = C.profile(args.gpu)
     measure_on = C.measuring_device(args.measure, args.gpu)
-    if args.gpu == "host":
-        batch = args.batch or args.cpu_batch
-    else:
-        batch = args.batch or profile.default_batch
-    mbatch = {"cuda": batch, "cpu": batch if args.gpu == "host" else args.cpu_batch}.get(measure_on)
+    batch, mbatch = C.batches(args, profile, measure_on)
     print(f"bench_network: profile {args.gpu} ({profile.description}), models {', '.join(args.models)}")
     if measure_on == "none":
         print("measuring: nothing (no CUDA device; add --measure cpu, or use --gpu host, to time this CPU)")
