@@ -127,9 +127,31 @@ class DynamicBlock(nn.Module):
     def _fold(self, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, layout: Optional[str] = None) -> tuple:
         return self._folded(name, conv, bn, layout)
 
+    # Attribute holding the (conv, bn) projection shortcut, or None for an identity shortcut;
+    # named as in torchvision so state dicts load.
+    _projection_attr = "downsample"
+
     def _projection(self) -> Optional[nn.Module]:
-        """The projection shortcut, or None for an identity shortcut."""
-        raise NotImplementedError
+        return getattr(self, self._projection_attr)
+
+    def _identity(self, x: torch.Tensor) -> torch.Tensor:
+        """The shortcut on the sparse path, batch norm folded into the projection."""
+        proj = self._projection()
+        if proj is None:
+            return x
+        w, b = self._fold(self._projection_attr, proj[0], proj[1])
+        return F.conv2d(x, w, b, proj[0].stride, proj[0].padding)
+
+    def _masked_output(self, x, identity, h, mask, out_hw, kept=None):
+        """``relu(identity + h · mask)`` on the masked path; ``kept`` is the expanded patch mask."""
+        if self.mode == "spatial":
+            h = h * (kept if kept is not None else expand_patch_mask(mask, self.granularity, *out_hw))
+        elif self.mode == "channel":
+            h = h * _alive(mask)
+        elif self.mode == "layer":
+            h = h * mask[:, None, None, None]
+        self._record(x, out_hw, mask)
+        return F.relu(identity + h)
 
     def _in_place_residual(self) -> bool:
         # The identity is this block's own post-ReLU input only without a projection shortcut.
@@ -212,27 +234,9 @@ class DynamicBottleneck(DynamicBlock):
         h = F.relu(self.bn1(self.conv1(x))) * cm
         h = F.relu(self.bn2(self.conv2(h))) * cm
         h = self.bn3(self.conv3(h))
-        out_hw = tuple(h.shape[2:])
-        if self.mode == "spatial":
-            h = h * expand_patch_mask(mask, self.granularity, *out_hw)
-        elif self.mode == "channel":
-            h = h * _alive(mask)
-        elif self.mode == "layer":
-            h = h * mask[:, None, None, None]
-        self._record(x, out_hw, mask)
-        return F.relu(identity + h)
+        return self._masked_output(x, identity, h, mask, tuple(h.shape[2:]))
 
     # -- sparse path -------------------------------------------------------------------------
-
-    def _projection(self) -> Optional[nn.Module]:
-        return self.downsample
-
-    def _identity(self, x: torch.Tensor) -> torch.Tensor:
-        if self.downsample is None:
-            return x
-        w, b = self._fold("downsample", self.downsample[0], self.downsample[1])
-        conv = self.downsample[0]
-        return F.conv2d(x, w, b, conv.stride, conv.padding)
 
     def _conv(self, x, name, activation=True):
         conv, bn = getattr(self, f"conv{name}"), getattr(self, f"bn{name}")
@@ -337,6 +341,8 @@ class DynamicRegNetYBlock(DynamicBlock):
         mode, granularity, force_keep: as :class:`DynamicBottleneck`. Layer skipping skips the SE too.
     """
 
+    _projection_attr = "proj"
+
     def __init__(self, width_in: int, width_out: int, stride: int = 1, group_width: int = 8,
                  se_ratio: float = 0.25, mode: str = "dense", granularity: int = 1,
                  force_keep: Optional[float] = None):
@@ -366,25 +372,9 @@ class DynamicRegNetYBlock(DynamicBlock):
         else:
             pooled = h.mean((2, 3), keepdim=True)
         h = f.c(h * f.se.scale(pooled))
-        if self.mode == "spatial":
-            h = h * kept
-        elif self.mode == "channel":
-            h = h * _alive(mask)
-        elif self.mode == "layer":
-            h = h * mask[:, None, None, None]
-        self._record(x, out_hw, mask)
-        return F.relu(identity + h)
+        return self._masked_output(x, identity, h, mask, out_hw, kept if self.mode == "spatial" else None)
 
     # -- sparse path -------------------------------------------------------------------------
-
-    def _projection(self) -> Optional[nn.Module]:
-        return self.proj
-
-    def _identity(self, x):
-        if self.proj is None:
-            return x
-        w, b = self._fold("proj", self.proj[0], self.proj[1])
-        return F.conv2d(x, w, b, self.stride)
 
     def _folded_convs(self):
         f = self.f
