@@ -119,6 +119,12 @@ def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # The C++ standard is left to torch: recent releases need C++20, older ones C++17.
     cxx = ["-O3"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for runs serially unless the kernels are compiled with OpenMP (ATen's backend);
+        # libgomp is the one torch already loaded.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     extra = {"cxx": cxx}
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
@@ -137,7 +143,8 @@ def _extension():
     print(f"  sources: {len(sources)} files, MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
 
     cls = CUDAExtension if with_cuda else CppExtension
-    return cls("laudnet_ops._C", sources, include_dirs=include_dirs, extra_compile_args=extra)
+    return cls("laudnet_ops._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
+               extra_link_args=link)
 
 
 setup(

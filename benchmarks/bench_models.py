@@ -34,7 +34,8 @@ def build(mode, keep, state):
 def measure(model, x, min_run_time):
     with torch.no_grad():
         model(x)  # warm-up: folds batch norm, primes oneDNN
-        timer = benchmark.Timer("model(x)", globals={"model": model, "x": x})
+        timer = benchmark.Timer("model(x)", globals={"model": model, "x": x},
+                                num_threads=torch.get_num_threads())
         return timer.blocked_autorange(min_run_time=min_run_time).median
 
 

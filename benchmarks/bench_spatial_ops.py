@@ -32,7 +32,8 @@ CL = torch.channels_last
 
 def timeit(fn, min_run_time):
     """Median seconds of fn() (CUDA: synchronised by Timer)."""
-    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def exact_indices(N, Hp, Wp, keep, gen, device):
