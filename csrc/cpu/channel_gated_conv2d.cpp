@@ -241,6 +241,10 @@ class ChannelConv {
       cols = ws.col.data();
       ld_cols = kChannelsLast ? K : T;
     }
+    if (kChannelsLast && cpu::kGemmRowBlocks<scalar_t> && K > 0) {
+      tile_rows_nhwc<A>(ws, n, grp, t0, t1, cols, ld_cols, K);
+      return;
+    }
     // C operand: straight into y when every output channel of the group is on.
     scalar_t* acc;
     int64_t ld_acc;
@@ -258,6 +262,30 @@ class ChannelConv {
       epilogue_in_place<A>(grp, acc, ld_acc, T);
     else
       epilogue_scatter<A>(ws, n, grp, t0, t1, acc);
+  }
+
+  // channels_last with the row-block micro-kernel: each block of output pixels is finished (bias,
+  // activation, and the scatter to the active channels with zeros between them) while its GEMM result
+  // is in L1, so a partly gated group costs one small buffer instead of a tile-sized one.
+  template <Activation A>
+  void tile_rows_nhwc(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1,
+                      const scalar_t* cols, int64_t ld_cols, int64_t K) const {
+    const int64_t T = t1 - t0, nout = ws.out.count(grp);
+    if (nout == g_.cout_g()) {
+      scalar_t* acc = y_ + (n * HWo_ + t0) * g_.Cout + grp * g_.cout_g();
+      cpu::gemm_rowmajor_rows(T, nout, K, cols, ld_cols, ws.wptr[grp], nout, acc, g_.Cout,
+                              [&](int64_t r0, int64_t rows) {
+                                epilogue_in_place<A>(grp, acc + r0 * g_.Cout, g_.Cout, rows);
+                              });
+      return;
+    }
+    ws.acc.resize(cpu::kGemmBlockM * nout);
+    for (int64_t r0 = 0; r0 < T; r0 += cpu::kGemmBlockM) {
+      const int64_t rows = std::min(cpu::kGemmBlockM, T - r0);
+      cpu::gemm_rowmajor<scalar_t>(rows, nout, K, cols + r0 * ld_cols, ld_cols, ws.wptr[grp], nout, ws.acc.data(),
+                                   nout);
+      epilogue_scatter<A>(ws, n, grp, t0 + r0, t0 + r0 + rows, ws.acc.data());
+    }
   }
 
   // NCHW: acc[nout, T] = w[nout, K] @ cols[K, T]; channels_last: acc[T, nout] = cols[T, K] @ w[K, nout].

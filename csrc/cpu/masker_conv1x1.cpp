@@ -6,9 +6,9 @@
 // owns whole rows of logits and needs no atomics or per-thread partial maps.
 // For a chunk of consecutive bands of one sample:
 //   1. one GEMM y_chunk = x_chunk . W, written into y itself (row_gemm.h),
-//      then bias + activation in place while the chunk is in cache;
-//   2. the masker on the same x_chunk, still in L2 -- x is read from memory
-//      once. Contiguous: a thin GEMM m_chunk = Wm . x_chunk (M rows), whose
+//      with bias + activation applied to each block of rows while it is in L1;
+//   2. the masker on the same x_chunk, pooled block by block while it is in
+//      cache -- x is read from memory once. Contiguous: a thin GEMM m_chunk = Wm . x_chunk (M rows), whose
 //      values are summed into their mask cells. Channels_last: x's pixels are
 //      summed into their cells first, then M dot products per cell (pooling
 //      and the 1x1 convolution commute).
@@ -33,6 +33,7 @@
 #include "../activation.h"
 #include "../spatial_conv.h"
 #include "row_gemm.h"
+#include "vec_loops.h"
 
 namespace laudnet_ops {
 namespace {
@@ -105,6 +106,39 @@ void bias_act(scalar_t* v, int64_t len, const scalar_t* bias_or_null, int64_t bi
   }
 }
 
+// Float32 takes the CPU-dispatched loops of vec_loops.h; the other types these generic ones.
+template <typename scalar_t, Activation A>
+void bias_act_row(scalar_t* v, int64_t len, const scalar_t* bias) {
+  bias_act<scalar_t, A>(v, len, bias, 1);
+}
+template <>
+void bias_act_row<float, Activation::kRelu>(float* v, int64_t len, const float* bias) {
+  cpu::bias_act_floats(v, bias, len, /*relu=*/true);
+}
+template <>
+void bias_act_row<float, Activation::kNone>(float* v, int64_t len, const float* bias) {
+  cpu::bias_act_floats(v, bias, len, /*relu=*/false);
+}
+
+template <typename acc_t, typename scalar_t>
+void accumulate(acc_t* dst, const scalar_t* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += acc_t(src[i]);
+}
+inline void accumulate(float* dst, const float* src, int64_t n) { cpu::add_floats(dst, src, n); }
+template <typename acc_t, typename scalar_t>
+void accumulate2(acc_t* dst, const scalar_t* a, const scalar_t* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += acc_t(a[i]) + acc_t(b[i]);
+}
+inline void accumulate2(float* dst, const float* a, const float* b, int64_t n) { cpu::add2_floats(dst, a, b, n); }
+
+template <typename acc_t, typename scalar_t>
+acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
+  acc_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * acc_t(b[i]);
+  return sum;
+}
+inline float dot(const float* a, const float* b, int64_t n) { return cpu::dot_floats(a, b, n); }
+
 struct MaskerTensors {
   at::Tensor x, weight, mask_weight, y, logits;
   const void* bias;
@@ -131,32 +165,38 @@ void masker_nhwc(const MaskerTensors& t, const MaskerGeometry& g) {
       const int64_t row0 = (c.n * g.H + c.h0) * g.W, pixels = (c.h1 - c.h0) * g.W;
       const at::Tensor xc = x2d.narrow(0, row0, pixels);
       scalar_t* yp = y2d.data_ptr<scalar_t>() + row0 * g.Cout;
-      cpu::gemm_rowmajor(pixels, g.Cout, g.Cin, xc.data_ptr<scalar_t>(), g.Cin, wt.data_ptr<scalar_t>(), g.Cout,
-                         yp, g.Cout);
-      for (int64_t r = 0; r < pixels; ++r) bias_act<scalar_t, A>(yp + r * g.Cout, g.Cout, bias, 1);
       // Pool first, then the masker's dot products (they commute): per pixel a
-      // vectorised add of its Cin channels into its cell, while the chunk is in
-      // cache. A GEMM with M (1 or 2) output columns would run at a fraction of
-      // the micro-kernel's speed in this orientation.
+      // vectorised add of its Cin channels into its cell. Both that and bias +
+      // activation run on each block of GEMM rows while it is in L1. A GEMM with
+      // M (1 or 2) output columns would run at a fraction of the micro-kernel's
+      // speed in this orientation.
       const int64_t cells = (c.qy1 - c.qy0) * g.Wq;
       pooled.assign(cells * g.Cin, acc_t(0));
       const scalar_t* xp = xc.data_ptr<scalar_t>();
-      for (int64_t h = c.h0; h < c.h1; ++h) {
-        acc_t* cell_row = pooled.data() + (h / g.window - c.qy0) * g.Wq * g.Cin;
-        for (int64_t w = 0; w < g.W; ++w) {
-          acc_t* cell = cell_row + qx_of[w] * g.Cin;
-          const scalar_t* px = xp + ((h - c.h0) * g.W + w) * g.Cin;
-          for (int64_t ci = 0; ci < g.Cin; ++ci) cell[ci] += acc_t(px[ci]);
-        }
-      }
+      cpu::gemm_rowmajor_rows(pixels, g.Cout, g.Cin, xp, g.Cin, wt.data_ptr<scalar_t>(), g.Cout, yp, g.Cout,
+                              [&](int64_t r0, int64_t rows) {
+                                for (int64_t r = r0; r < r0 + rows; ++r)
+                                  bias_act_row<scalar_t, A>(yp + r * g.Cout, g.Cout, bias);
+                                for (int64_t r = r0; r < r0 + rows;) {
+                                  const int64_t h = c.h0 + r / g.W, w = r % g.W;
+                                  const int64_t cell = (h / g.window - c.qy0) * g.Wq + qx_of[w];
+                                  acc_t* dst = pooled.data() + cell * g.Cin;
+                                  // Two neighbours of one cell per pass over the cell's sums.
+                                  if (r + 1 < r0 + rows && w + 1 < g.W && qx_of[w + 1] == qx_of[w]) {
+                                    accumulate2(dst, xp + r * g.Cin, xp + (r + 1) * g.Cin, g.Cin);
+                                    r += 2;
+                                  } else {
+                                    accumulate(dst, xp + r * g.Cin, g.Cin);
+                                    r += 1;
+                                  }
+                                }
+                              });
       sums.assign(cells * g.M, acc_t(0));
       for (int64_t cell = 0; cell < cells; ++cell) {
         for (int64_t m = 0; m < g.M; ++m) {
           const scalar_t* wrow = wm + m * g.Cin;
           const acc_t* prow = pooled.data() + cell * g.Cin;
-          acc_t acc = 0;
-          for (int64_t ci = 0; ci < g.Cin; ++ci) acc += prow[ci] * acc_t(wrow[ci]);
-          sums[cell * g.M + m] = acc;
+          sums[cell * g.M + m] = dot(prow, wrow, g.Cin);
         }
       }
       write_logits(sums, c, mask_bias, g, logits, st);

@@ -58,6 +58,27 @@ void gemm_rowmajor(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t l
   at::mm_out(c, a, b);
 }
 
+// Whether products of this type are computed block by block of kGemmBlockM
+// rows (the micro-kernel path); the at::mm path has a per-call cost that
+// 64-row calls would multiply.
+template <typename scalar_t>
+constexpr bool kGemmRowBlocks = LAUDNET_OPS_HAVE_BRGEMM && std::is_same_v<scalar_t, float>;
+
+// The same product, handing each block of at most kGemmBlockM finished rows of C
+// to epilogue(row0, rows) while they are still in L1: bias, activation or a
+// scatter then cost no second pass over C from memory.
+template <typename scalar_t, typename Epilogue>
+void gemm_rowmajor_rows(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t ld_a, const scalar_t* B,
+                        int64_t ld_b, scalar_t* C, int64_t ld_c, const Epilogue& epilogue) {
+  constexpr bool kBlockwise = kGemmRowBlocks<scalar_t>;
+  if (!kBlockwise) gemm_rowmajor(M, N, K, A, ld_a, B, ld_b, C, ld_c);
+  for (int64_t m0 = 0; m0 < M; m0 += kGemmBlockM) {
+    const int64_t rows = std::min(kGemmBlockM, M - m0);
+    if (kBlockwise) gemm_rowmajor(rows, N, K, A + m0 * ld_a, ld_a, B, ld_b, C + m0 * ld_c, ld_c);
+    epilogue(m0, rows);
+  }
+}
+
 // Releases the micro-kernel's per-thread hardware state; call at the end of a task.
 template <typename scalar_t>
 void gemm_release() {
