@@ -100,6 +100,24 @@ def test_many_patches_cross_chunks(device):
             torch.testing.assert_close(got, reference.gather_conv2d(x, idx, w, b, **conv))
 
 
+def taps_major(w):
+    """The same weight, laid out in memory as (kh, kw, Cin, Cout): the blocks' folded-weight layout."""
+    return w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last", "taps_major"])
+@pytest.mark.parametrize("S, stride", [(1, 1), (2, 2), (4, 1)])
+def test_wide_reduction(device, weight_layout, S, stride):
+    # k*k*Cin above the CPU kernel's per-thread GEMM limit: the chunked multi-threaded product path,
+    # with every weight layout it reads without a copy, two chunks at stride 1, and border patches.
+    x, idx, w, b, conv = make_case(2, 240, 24, 29, 31, 3, S, 0.6, stride, device=device, seed=11)
+    w_in = taps_major(w) if weight_layout == "taps_major" else to_layout(w, weight_layout)
+    for layout in ("contiguous", "channels_last"):
+        got = laudnet_ops.gather_conv2d(to_layout(x, layout), idx, w_in, b, **conv)
+        torch.testing.assert_close(got, reference.gather_conv2d(x, idx, w, b, **conv), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_inputs(device):
     x, idx, w, b, conv = make_case(2, 3, 4, 6, 6, 3, 2, 0.0, device=device)

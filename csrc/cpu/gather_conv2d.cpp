@@ -12,6 +12,14 @@
 // matter for S = 1 and 2, whose single tiles are 1 and 4 rows: too small for
 // a GEMM call to pay off.
 //
+// Reductions longer than kMaxBlockedK (3x3 over 256+ channels without groups)
+// take a second path: there a weight panel and a block of rows no longer fit
+// L2 beside each other and every per-thread chunk would stream the whole
+// weight from memory again (3-4x the dense time at 7x7, 512 channels). Those
+// chunks are larger (kWideChunkBytes of gathered rows), gathered by all
+// threads, and multiplied by one multi-threaded BLAS call that blocks for the
+// cache itself and reads the weight once per chunk.
+//
 // The gather reads x in channels_last, so that each kernel tap of a position
 // is one contiguous copy of Cin channels. With channels_last packed (the fast
 // path) the GEMM writes straight into the output, whose (P * S * S, Cout) rows
@@ -24,6 +32,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -37,22 +47,40 @@ namespace laudnet_ops {
 namespace {
 
 // Output positions per chunk: several 64-row micro-kernel blocks per weight
-// panel, while the gathered block (256 x k*k*Cin: 1.2 MB for a 3x3x128 conv
-// in float) stays about L2-sized. (With MKL's sgemm, 128 / 256 / 512 / 1024
-// rows of that product ran at 95 / 99 / 93 / 86 GFLOP/s on one core here.)
+// panel, while the gathered block stays about L2-sized; down to one block per
+// chunk when that is what it takes to give every thread a few chunks.
 constexpr int64_t kChunkRows = 256;
+constexpr int64_t kMinChunkRows = 64;
+constexpr int64_t kChunksPerThread = 4;
+
+// Above this reduction length (k*k*Cin/groups) a 64-row block and a weight panel no
+// longer fit L2 together, and each chunk's product would stream the whole weight
+// again: such convolutions gather larger chunks and run one
+// multi-threaded BLAS product per chunk, which blocks for the cache itself.
+constexpr int64_t kMaxBlockedK = 2048;
+// Gathered rows per chunk on that path: at most this many bytes.
+constexpr int64_t kWideChunkBytes = 8 << 20;
 
 struct Chunking {
   int64_t patches_per_chunk, chunks, max_rows;
 };
 
-Chunking make_chunking(const GatherConvGeometry& g) {
+Chunking make_chunking(const GatherConvGeometry& g, int64_t rows_wanted) {
   Chunking c;
-  c.patches_per_chunk = std::max<int64_t>(1, kChunkRows / (g.S * g.S));
+  c.patches_per_chunk = std::max<int64_t>(1, rows_wanted / (g.S * g.S));
   c.chunks = ceil_div(g.P, c.patches_per_chunk);
   c.max_rows = c.patches_per_chunk * g.S * g.S;
   return c;
 }
+
+// Per-thread chunks: up to kChunkRows rows, fewer when P is small.
+Chunking thread_chunking(const GatherConvGeometry& g) {
+  const int64_t rows = g.P * g.S * g.S;
+  const int64_t per_chunk = ceil_div(rows, kChunksPerThread * at::get_num_threads());
+  return make_chunking(g, std::clamp<int64_t>(per_chunk, kMinChunkRows, kChunkRows));
+}
+
+bool wide_reduction(const GatherConvGeometry& g) { return g.groups == 1 && g.K * g.K * g.Cg > kMaxBlockedK; }
 
 // Input coordinate read by output coordinate o through kernel tap t.
 inline int64_t input_coord(int64_t o, int64_t t, const GatherConvGeometry& g) {
@@ -139,23 +167,16 @@ void epilogue_nchw(const scalar_t* C, scalar_t* out, const scalar_t* bias, const
   }
 }
 
+// Each thread gathers its own chunks and multiplies them on its own core.
 template <typename scalar_t, Activation A>
-void gather_conv_nhwc(const at::Tensor& x, const at::Tensor& idx_t, const at::Tensor& weight,
-                      const scalar_t* bias, const GatherConvGeometry& g, at::Tensor& packed) {
-  const int64_t K = g.K, KKCg = K * K * g.Cg, row_len = g.groups * KKCg, SS = g.S * g.S;
-  // (G, k*k*Cg, Cog): row (kh, kw, c) of group grp multiplies gathered column (grp, kh, kw, c).
-  const at::Tensor wt = weight.view({g.groups, g.Cog, g.Cg, K, K}).permute({0, 3, 4, 2, 1}).contiguous()
-                            .view({g.groups, KKCg, g.Cog});
-  // channels_last (P, Cout, S, S) is (P*S*S, Cout) row-major: the GEMM writes into it directly.
-  const bool direct = packed.is_contiguous(at::MemoryFormat::ChannelsLast);
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  const scalar_t* wp = wt.data_ptr<scalar_t>();
-  const int32_t* idx = idx_t.data_ptr<int32_t>();
-  scalar_t* out_p = packed.data_ptr<scalar_t>();
-  const Chunking ch = make_chunking(g);
+void gather_conv_per_thread(const scalar_t* xp, const int32_t* idx, const scalar_t* wp, const scalar_t* bias,
+                            const GatherConvGeometry& g, const at::TensorOptions& opts, bool direct,
+                            scalar_t* out_p) {
+  const int64_t KKCg = g.K * g.K * g.Cg, row_len = g.groups * KKCg, SS = g.S * g.S;
+  const Chunking ch = thread_chunking(g);
   at::parallel_for(0, ch.chunks, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor buf = at::empty({ch.max_rows, row_len}, x.options());
-    at::Tensor scratch = direct ? at::Tensor() : at::empty({ch.max_rows, g.Cout}, x.options());
+    at::Tensor buf = at::empty({ch.max_rows, row_len}, opts);
+    at::Tensor scratch = direct ? at::Tensor() : at::empty({ch.max_rows, g.Cout}, opts);
     scalar_t* a = buf.data_ptr<scalar_t>();
     for (int64_t c = begin; c < end; ++c) {
       const int64_t p0 = c * ch.patches_per_chunk, p1 = std::min(g.P, p0 + ch.patches_per_chunk);
@@ -173,6 +194,67 @@ void gather_conv_nhwc(const at::Tensor& x, const at::Tensor& idx_t, const at::Te
     }
     cpu::gemm_release<scalar_t>();
   });
+}
+
+// The (k*k*Cin, Cout) product operand of a groups == 1 weight, row (kh, kw, c):
+// a view when the weight lies as (kh, kw, Cin, Cout) or channels_last (BLAS
+// takes either orientation), else a copy.
+at::Tensor taps_by_channels(const at::Tensor& weight, const GatherConvGeometry& g) {
+  const int64_t rows = g.K * g.K * g.Cin;
+  const at::Tensor taps_major = weight.permute({2, 3, 1, 0});
+  if (taps_major.is_contiguous()) return taps_major.reshape({rows, g.Cout});
+  const at::Tensor per_output = weight.permute({0, 2, 3, 1});
+  if (per_output.is_contiguous()) return per_output.reshape({g.Cout, rows}).t();
+  return taps_major.contiguous().view({rows, g.Cout});
+}
+
+// Wide reductions (groups == 1): chunk after chunk, gathered and finished by all
+// threads, multiplied by one multi-threaded BLAS call that reads the weight once.
+template <typename scalar_t, Activation A>
+void gather_conv_wide(const scalar_t* xp, const int32_t* idx, const at::Tensor& wt, const scalar_t* bias,
+                      const GatherConvGeometry& g, const at::TensorOptions& opts, bool direct, scalar_t* out_p) {
+  const int64_t row_len = g.K * g.K * g.Cin, SS = g.S * g.S;
+  const Chunking ch = make_chunking(g, std::max<int64_t>(kMinChunkRows, kWideChunkBytes / (row_len * sizeof(scalar_t))));
+  at::Tensor buf = at::empty({ch.max_rows, row_len}, opts);
+  at::Tensor scratch = direct ? at::Tensor() : at::empty({ch.max_rows, g.Cout}, opts);
+  for (int64_t c = 0; c < ch.chunks; ++c) {
+    const int64_t p0 = c * ch.patches_per_chunk, p1 = std::min(g.P, p0 + ch.patches_per_chunk);
+    const int64_t rows = (p1 - p0) * SS;
+    scalar_t* a = buf.data_ptr<scalar_t>();
+    at::parallel_for(p0, p1, 1, [&](int64_t pa, int64_t pb) {
+      gather_rows_nhwc(xp, idx, pa, pb, g, a + (pa - p0) * SS * row_len);
+    });
+    at::Tensor out = direct ? at::from_blob(out_p + p0 * SS * g.Cout, {rows, g.Cout}, opts)
+                            : scratch.narrow(0, 0, rows);
+    at::mm_out(out, buf.narrow(0, 0, rows), wt);
+    const scalar_t* tile = out.data_ptr<scalar_t>();
+    at::parallel_for(p0, p1, 1, [&](int64_t pa, int64_t pb) {
+      if (direct)
+        epilogue_nhwc<scalar_t, A>(out_p, bias, idx, pa, pb, g);
+      else
+        epilogue_nchw<scalar_t, A>(tile + (pa - p0) * SS * g.Cout, out_p, bias, idx, pa, pb, g);
+    });
+  }
+}
+
+template <typename scalar_t, Activation A>
+void gather_conv_nhwc(const at::Tensor& x, const at::Tensor& idx_t, const at::Tensor& weight,
+                      const scalar_t* bias, const GatherConvGeometry& g, at::Tensor& packed) {
+  const int64_t K = g.K, KKCg = K * K * g.Cg;
+  // channels_last (P, Cout, S, S) is (P*S*S, Cout) row-major: the GEMM writes into it directly.
+  const bool direct = packed.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const int32_t* idx = idx_t.data_ptr<int32_t>();
+  scalar_t* out_p = packed.data_ptr<scalar_t>();
+  if (wide_reduction(g)) {
+    gather_conv_wide<scalar_t, A>(xp, idx, taps_by_channels(weight, g), bias, g, x.options(), direct, out_p);
+    return;
+  }
+  // (G, k*k*Cg, Cog): row (kh, kw, c) of group grp multiplies gathered column (grp, kh, kw, c). A copy
+  // unless the weight already lies that way (the blocks keep their folded weights so).
+  const at::Tensor wt = weight.view({g.groups, g.Cog, g.Cg, K, K}).permute({0, 3, 4, 2, 1}).contiguous()
+                            .view({g.groups, KKCg, g.Cog});
+  gather_conv_per_thread<scalar_t, A>(xp, idx, wt.data_ptr<scalar_t>(), bias, g, x.options(), direct, out_p);
 }
 
 at::Tensor gather_conv2d_cpu(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& weight,

@@ -33,6 +33,33 @@ LAUDNET_OPS_CLONES void bias_act_floats(float* __restrict__ v, const float* __re
   }
 }
 
+LAUDNET_OPS_CLONES void scatter_bias_act_floats(float* __restrict__ dst, const float* __restrict__ src,
+                                                const int32_t* __restrict__ idx, const float* __restrict__ bias,
+                                                int64_t n, bool relu) {
+  if (relu) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float t = src[i] + bias[i];
+      dst[idx[i]] = t < 0.f ? 0.f : t;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[idx[i]] = src[i] + bias[i];
+  }
+}
+
+LAUDNET_OPS_CLONES void scatter4_bias_act_floats(float* __restrict__ dst, const float* __restrict__ src,
+                                                 const int32_t* __restrict__ place4, const float* __restrict__ bias,
+                                                 int64_t units, bool relu) {
+  for (int64_t u = 0; u < units; ++u) {
+    float* d = dst + place4[u];
+    const float* s = src + 4 * u;
+    const float* b = bias + 4 * u;
+    for (int k = 0; k < 4; ++k) {
+      const float t = s[k] + b[k];
+      d[k] = relu && t < 0.f ? 0.f : t;
+    }
+  }
+}
+
 LAUDNET_OPS_CLONES float dot_floats(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
   // Eight partial sums: the loop vectorises without reassociating a single sum.
   float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};

@@ -18,6 +18,12 @@ void add_floats(float* dst, const float* src, int64_t n);
 void add2_floats(float* dst, const float* a, const float* b, int64_t n);
 // v[i] = act(v[i] + bias[i]); bias may be null; relu keeps NaN like torch.relu.
 void bias_act_floats(float* v, const float* bias, int64_t n, bool relu);
+// dst[idx[i]] = act(src[i] + bias[i]) (indices unique): a pixel's active channels into place.
+void scatter_bias_act_floats(float* dst, const float* src, const int32_t* idx, const float* bias, int64_t n,
+                             bool relu);
+// The same for runs of 4 consecutive channels: dst[place4[u] + k] = act(src[4u + k] + bias[4u + k]).
+void scatter4_bias_act_floats(float* dst, const float* src, const int32_t* place4, const float* bias,
+                              int64_t units, bool relu);
 // sum of a[i] * b[i]
 float dot_floats(const float* a, const float* b, int64_t n);
 
