@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -130,6 +131,8 @@ struct Workspace {
   std::vector<scalar_t> wslice, col, acc;
   // the active output channels of the group being computed, and their biases (0 without bias)
   std::vector<int32_t> place;
+  // the active input channels of the group being packed, as 4-channel unit starts
+  std::vector<int32_t> units;
   std::vector<scalar_t> bias_sel;
   // per conv group: NCHW [n_out, K] rows, channels_last [K, n_out] rows; K in packing order
   std::vector<const scalar_t*> wptr;
@@ -381,6 +384,10 @@ class ChannelConv {
     const int64_t nin = ws.in.count(grp);
     const Run* runs = ws.in.runs.data() + ws.in.run_off[grp];
     const int64_t nruns = ws.in.run_off[grp + 1] - ws.in.run_off[grp];
+    if (nin % 4 == 0 && four_channel_units(ws, grp)) {
+      pack_nhwc_by4(ws, n, grp, t0, t1);
+      return;
+    }
     scalar_t* dst = ws.col.data();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t oy = t / g_.Wo, ox = t % g_.Wo;
@@ -394,6 +401,41 @@ class ChannelConv {
           }
           const scalar_t* px = x_ + ((n * g_.H + iy) * g_.W + ix) * g_.Cin + grp * g_.cin_g();
           for (int64_t r = 0; r < nruns; ++r) dst = std::copy(px + runs[r].start, px + runs[r].start + runs[r].len, dst);
+        }
+      }
+    }
+  }
+
+  // Whether the group's active input channels come in runs of 4 starting at multiples of 4 (gate
+  // groups of 4k channels); if so ws.units holds the runs' 4-channel starts.
+  bool four_channel_units(Workspace<scalar_t>& ws, int64_t grp) const {
+    ws.units.clear();
+    for (int64_t r = ws.in.run_off[grp]; r < ws.in.run_off[grp + 1]; ++r) {
+      const Run& run = ws.in.runs[r];
+      if (run.start % 4 != 0 || run.len % 4 != 0) return false;
+      for (int64_t c = run.start; c < run.start + run.len; c += 4) ws.units.push_back(static_cast<int32_t>(c));
+    }
+    return true;
+  }
+
+  // pack_nhwc for 4-channel units: fixed-size moves the compiler inlines, where a call per run
+  // of 4 channels cost more than the product itself for a 3x3 conv.
+  void pack_nhwc_by4(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1) const {
+    const int64_t nin = ws.in.count(grp), nunits = static_cast<int64_t>(ws.units.size());
+    const int32_t* units = ws.units.data();
+    scalar_t* dst = ws.col.data();
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t oy = t / g_.Wo, ox = t % g_.Wo;
+      for (int64_t ky = 0; ky < g_.KH; ++ky) {
+        const int64_t iy = oy * g_.SH - g_.PH + ky * g_.DH;
+        for (int64_t kx = 0; kx < g_.KW; ++kx) {
+          const int64_t ix = ox * g_.SW - g_.PW + kx * g_.DW;
+          if (iy < 0 || iy >= g_.H || ix < 0 || ix >= g_.W) {
+            dst = std::fill_n(dst, nin, scalar_t(0));
+            continue;
+          }
+          const scalar_t* px = x_ + ((n * g_.H + iy) * g_.W + ix) * g_.Cin + grp * g_.cin_g();
+          for (int64_t u = 0; u < nunits; ++u, dst += 4) std::memcpy(dst, px + units[u], 4 * sizeof(scalar_t));
         }
       }
     }
