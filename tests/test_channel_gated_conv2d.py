@@ -100,6 +100,22 @@ def test_large_map_spans_several_tiles(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(3, 24, 136, 5, 6, 3, 4, dict(padding=1)), (2, 40, 100, 4, 4, 1, 2, {}),
+                                   (2, 16, 72, 7, 5, 3, 4, dict(stride=2, padding=1))], ids=["3x3", "1x1", "s2"])
+@pytest.mark.parametrize("keeps", [(0.5, 0.5), (None, 0.5), (0.5, None), (0.0, 0.5), (1.0, 0.0)],
+                         ids=lambda k: f"{k[0]}-{k[1]}")
+def test_small_map_many_outputs(device, shape, keeps):
+    # Fewer output pixels than output channels (stage-4-like maps), more than one 64-column block of
+    # the product and a partial one, with 4-channel and 2-channel gate groups.
+    N, Cin, Cout, H, W, K, G, conv = shape
+    case = make_case(N, Cin, Cout, H, W, K, G, *keeps, device=device, seed=7)
+    for layout in ("contiguous", "channels_last"):
+        x, w, b, gin, gout = case
+        got, want = run_both((to_layout(x, layout), w, b, gin, gout), G, **conv)
+        torch.testing.assert_close(got, want.float())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_empty_inputs(device):
     x, w, b, gin, gout = make_case(2, 4, 4, 5, 5, 3, 2, 0.5, 0.5, device=device)
     y = laudnet_ops.channel_gated_conv2d(x[:0], w, b, gin[:0], gout[:0], 2, padding=1)
