@@ -75,10 +75,16 @@ def test_reference_pools_the_issue_windows():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-@pytest.mark.parametrize("weight_layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("weight_layout", ["contiguous", "strided", "taps_major", "sliced"])
 def test_memory_formats(device, layout, weight_layout):
     x, w, b, wm, bm = make_case(2, 6, 5, 2, 9, 11, device=device, seed=3)
-    wl = (lambda t: t) if weight_layout == "contiguous" else (lambda t: t.transpose(2, 3))
+    wl = {
+        "contiguous": lambda t: t,
+        "strided": lambda t: t.transpose(2, 3),
+        # (1, 1, Cin, Cout) in memory: the spatial blocks' folded conv1 weight, read in place on the CPU
+        "taps_major": lambda t: t.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1),
+        "sliced": lambda t: torch.cat([t, t], 1)[:, ::2],
+    }[weight_layout]
     y, logits = laudnet_ops.masker_conv1x1(to_layout(x, layout), wl(w), b, wl(wm), bm, 4, 1)
     want_y, want_logits = reference.masker_conv1x1(x, w, b, wm, bm, 4, 1)
     torch.testing.assert_close(y, want_y)

@@ -151,7 +151,9 @@ void masker_nhwc(const MaskerTensors& t, const MaskerGeometry& g) {
   const BandChunking bc = make_band_chunking(g, sizeof(scalar_t));
   const at::Tensor x2d = t.x.permute({0, 2, 3, 1}).reshape({g.N * g.H * g.W, g.Cin});
   at::Tensor y2d = t.y.permute({0, 2, 3, 1}).view({g.N * g.H * g.W, g.Cout});
-  const at::Tensor wt = t.weight.view({g.Cout, g.Cin}).t().contiguous();  // (Cin, Cout) row-major
+  // (Cin, Cout) row-major: a view of a weight kept as (1, 1, Cin, Cout) in memory (the blocks' folded
+  // layout), a transposed copy otherwise.
+  const at::Tensor wt = t.weight.reshape({g.Cout, g.Cin}).t().contiguous();
   const scalar_t* wm = t.mask_weight.data_ptr<scalar_t>();  // (M, Cin) contiguous
   const auto* bias = static_cast<const scalar_t*>(t.bias);
   const auto* mask_bias = static_cast<const scalar_t*>(t.mask_bias);
@@ -212,7 +214,7 @@ void masker_nchw(const MaskerTensors& t, const MaskerGeometry& g) {
   const int64_t HW = g.H * g.W;
   const at::Tensor x3d = t.x.view({g.N, g.Cin, HW});
   at::Tensor y3d = t.y.view({g.N, g.Cout, HW});
-  const at::Tensor w2d = t.weight.view({g.Cout, g.Cin});
+  const at::Tensor w2d = t.weight.reshape({g.Cout, g.Cin}).contiguous();
   const at::Tensor wm2d = t.mask_weight.view({g.M, g.Cin});
   const auto* bias = static_cast<const scalar_t*>(t.bias);
   const auto* mask_bias = static_cast<const scalar_t*>(t.mask_bias);
@@ -261,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> masker_conv1x1_cpu(const at::Tensor& x, const
   const auto opts = x.options().memory_format(layout);
   MaskerTensors t;
   t.x = x.contiguous(layout);
-  t.weight = weight.contiguous();
+  t.weight = weight;  // each layout path arranges it as it reads it
   t.mask_weight = mask_weight.contiguous();
   t.y = at::empty({g.N, g.Cout, g.H, g.W}, opts);
   t.logits = at::empty({g.N, g.M, g.Hq, g.Wq}, opts);

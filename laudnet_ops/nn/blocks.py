@@ -254,7 +254,8 @@ class DynamicBottleneck(DynamicBlock):
 
     def _sparse_spatial(self, x):
         S = self.granularity
-        w1, b1 = self._fold("conv1", self.conv1, self.bn1)
+        # (Cin, Cout)-ordered weights: the CPU kernels' GEMM operands, read without a copy per call.
+        w1, b1 = self._fold("conv1", self.conv1, self.bn1, "taps_major")
         w2, b2 = self._fold("conv2", self.conv2, self.bn2, "taps_major")
         w3, b3 = self._fold("conv3", self.conv3, self.bn3)
         masker = self.masker.conv
