@@ -83,7 +83,7 @@ def test_memory_formats(device, layout, weight_layout):
         "strided": lambda t: t.transpose(2, 3),
         # (1, 1, Cin, Cout) in memory: the spatial blocks' folded conv1 weight, read in place on the CPU
         "taps_major": lambda t: t.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1),
-        "sliced": lambda t: torch.cat([t, t], 1)[:, ::2],
+        "sliced": lambda t: torch.stack([t, t], 2).flatten(1, 2)[:, ::2],
     }[weight_layout]
     y, logits = laudnet_ops.masker_conv1x1(to_layout(x, layout), wl(w), b, wl(wm), bm, 4, 1)
     want_y, want_logits = reference.masker_conv1x1(x, w, b, wm, bm, 4, 1)
