@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The one prepared check for a machine with a GPU (no internet needed): build the extension for the
-# visible GPU, run every CUDA test, run compute-sanitizer's memcheck over the sparse kernels' tests,
-# run the block, network and fusion-ablation benchmarks, and print a one-screen summary. Designed to finish in under 8 minutes.
+# visible GPU, run the CUDA tests with the SIMT kernels and again with the tensor-core switch on,
+# run compute-sanitizer's memcheck over the tensor-core tests, run the tensor-core, block and
+# fusion-ablation benchmarks, and write the summary to benchmarks/results/gpu-<device>-<commit>.md.
+# Fits one 600 s device call: the step caps add up to 540 s (the network benchmark is left out;
+# run benchmarks/bench_network.py on its own).
 #
 #   bash benchmarks/gpu_check.sh            # logs and CSVs go to $OUT, or benchmarks/out/gpu
 #
@@ -47,34 +50,54 @@ ARCH=$($PY -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"{p
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 rm -rf build laudnet_ops/_C*.so
-if ! step build 300 env LAUDNET_OPS_CUDA=1 $PY setup.py build_ext --inplace; then
+if ! step build 160 env LAUDNET_OPS_CUDA=1 $PY setup.py build_ext --inplace; then
   grep -m 20 -E "error|Error" "$OUTDIR/build.log"
   cat "$summary"
   exit 1
 fi
 
-step cuda-tests 240 $PY -m pytest tests -m cuda -q -p no:cacheprovider
+# One device call may run 600 s: the step caps below add up to 540 s (tests/test_tensor_cores.py checks).
+# The CUDA tests run twice: SIMT kernels (the default), then with the tensor-core switch on.
+FAST_TESTS=(-m cuda -q -p no:cacheprovider -k "not property and not compile")  # inductor/Triton compiles take minutes
+step cuda-tests 100 $PY -m pytest tests -x "${FAST_TESTS[@]}"
+step tc-tests 70 env LAUDNET_OPS_TENSOR_CORES=1 $PY -m pytest tests/test_tensor_cores.py tests/test_gather_conv2d.py \
+  tests/test_masker_conv1x1.py tests/test_channel_gated_conv2d.py --maxfail=20 "${FAST_TESTS[@]}"
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  step memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 3 \
-    $PY -m pytest tests/test_patch_indices.py tests/test_scatter_add.py -m cuda -q -p no:cacheprovider \
-    -k "not compile and not gradcheck and not property"
+  step memcheck 50 env LAUDNET_OPS_TENSOR_CORES=1 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    $PY -m pytest tests/test_tensor_cores.py -m cuda -x -q -p no:cacheprovider \
+    -k "float16 and (N2_C16 or N2_C32 or N3_C8)"
 else
   note "memcheck   skipped: compute-sanitizer not found"
 fi
 
-step bench 240 $PY benchmarks/bench_block.py --gpu h100 --batch 128 --quiet --csv "$OUTDIR/bench_block.csv" \
-  --plot "$OUTDIR/bench_block.png"
-step network 120 $PY benchmarks/bench_network.py --gpu h100 --batch 128 --models resnet50,regnety400mf --quiet \
-  --min-run-time 0.1 --csv "$OUTDIR/bench_network.csv"
-step ablation 90 $PY benchmarks/ablation_fusion.py --gpu h100 --batch 128 --quiet --csv "$OUTDIR/ablation_fusion.csv"
+step bench-tc 60 $PY benchmarks/bench_tensor_cores.py --batch 128 --min-ms 20 --repeats 3 \
+  --csv "$OUTDIR/bench_tensor_cores.csv"
+step bench 60 $PY benchmarks/bench_block.py --gpu h100 --batch 128 --dtype fp16 --rates 0.5 --quiet \
+  --min-run-time 0.05 --csv "$OUTDIR/bench_block.csv"
+step ablation 40 $PY benchmarks/ablation_fusion.py --gpu h100 --batch 128 --measure cuda --min-run-time 0.05 \
+  --quiet --csv "$OUTDIR/ablation_fusion.csv"
 
+report() {  # the summary and the tables, as markdown
+  echo "# GPU check $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo
+  echo '```'
+  cat "$summary"
+  echo '```'
+  for part in bench-tc:bench_tensor_cores bench:bench_block ablation:ablation_fusion; do
+    echo
+    echo "## ${part#*:}"
+    echo
+    echo '```'
+    sed -n '1,40p' "$OUTDIR/${part%%:*}.log" 2>/dev/null
+    echo '```'
+  done
+}
+DEVICE_TAG=$($PY -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-"))' 2>/dev/null || echo unknown)
+mkdir -p benchmarks/results
+RESULT="benchmarks/results/gpu-${DEVICE_TAG}-$(git rev-parse --short HEAD 2>/dev/null || echo unknown).md"
+report >"$RESULT"
+cp "$RESULT" "$OUTDIR/" 2>/dev/null
 echo
-echo "=== bench_block (head) ==="
-sed -n '1,24p' "$OUTDIR/bench.log"
-echo
-echo "=== ablation_fusion ==="
-tail -n 9 "$OUTDIR/ablation.log"
-echo
-echo "=== summary ==="
-cat "$summary"
+cat "$RESULT"
+echo "written: $RESULT"

@@ -1,0 +1,126 @@
+// Tensor-core gather_conv2d: an implicit GEMM whose A loader gathers each active patch's halo
+// straight from the dense channels_last map.
+//
+// NOT YET RUN ON A GPU: compiled for sm_80 and sm_90 only; off by default (see
+// tensor_core_switch.h); tests/test_tensor_cores.py validates it on a GPU machine.
+//
+// Rows m = (p, i, j) are the P*S*S positions of packed; k = (kh, kw, c) runs over the taps and
+// input channels, matching the weight permuted to (Cout, K, K, Cin). A vector of 8 channels of
+// one tap is zero where its input pixel lies in the padding, or where (i, j) of a border patch
+// lies outside the output map (those positions of packed are written as zeros, as the contract
+// says). Grouped convolutions stay on the SIMT kernel.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "../tensor_core.h"
+#include "common.cuh"
+#include "gather_gemm.cuh"
+
+namespace laudnet_ops {
+namespace tc {
+namespace {
+
+template <class E>
+struct GatherConvProblem {
+  using Elem = E;
+  const E* x;        // (N, H, W, Cin)
+  const E* w;        // (Cout, K, K, Cin)
+  const E* bias;     // (Cout,) or null
+  const int32_t* idx;
+  E* out;            // (P, S, S, Cout)
+  int64_t H, W, Ho, Wo, P;
+  int Cin, Cout, K, S, stride, padding, dilation;
+  bool relu;
+
+  struct RowA {
+    int64_t pixel0;  // n * H * W: the first pixel of the row's sample
+    int iy0, ix0;    // input pixel of tap (0, 0)
+    bool inside;     // the output position lies inside the map
+  };
+  struct KA {
+    int dy, dx, c;
+  };
+  struct RowB {
+    const E* w;
+  };
+  struct KB {
+    int offset;
+  };
+
+  __device__ int64_t rows(int) const { return P * S * S; }
+  __device__ int cols(int) const { return Cout; }
+  __device__ int active_cols(int) const { return Cout; }
+  __device__ int kvecs(int) const { return K * K * (Cin / kVec); }
+  __device__ const E* any_src() const { return x; }
+
+  // Output position (n, oy, ox) of row m; inside is false past the map's bottom or right border.
+  __device__ void position(int64_t m, int64_t& n, int64_t& oy, int64_t& ox) const {
+    const int64_t p = m / (S * S);
+    const int r = static_cast<int>(m - p * S * S);
+    n = idx[3 * p];
+    oy = static_cast<int64_t>(idx[3 * p + 1]) * S + r / S;
+    ox = static_cast<int64_t>(idx[3 * p + 2]) * S + r % S;
+  }
+
+  __device__ RowA row_a(int, int64_t m) const {
+    int64_t n, oy, ox;
+    position(m, n, oy, ox);
+    return RowA{n * H * W, static_cast<int>(oy * stride - padding), static_cast<int>(ox * stride - padding),
+                oy < Ho && ox < Wo};
+  }
+  __device__ KA k_a(int, int kv) const {
+    const int cvecs = Cin / kVec;
+    const int tap = kv / cvecs;
+    return KA{(tap / K) * dilation, (tap % K) * dilation, (kv - tap * cvecs) * kVec};
+  }
+  __device__ const E* a_src(const RowA& r, const KA& k) const {
+    const int iy = r.iy0 + k.dy, ix = r.ix0 + k.dx;
+    if (!r.inside || iy < 0 || iy >= H || ix < 0 || ix >= W) return nullptr;
+    return x + (r.pixel0 + static_cast<int64_t>(iy) * W + ix) * Cin + k.c;
+  }
+  __device__ RowB row_b(int, int n) const { return RowB{w + static_cast<int64_t>(n) * K * K * Cin}; }
+  __device__ KB k_b(int, int kv) const { return KB{kv * kVec}; }
+  __device__ const E* b_src(const RowB& r, const KB& k) const { return r.w + k.offset; }
+
+  __device__ void store(int, int64_t m, int n, float acc) const {
+    int64_t nn, oy, ox;
+    position(m, nn, oy, ox);
+    float v = 0.f;
+    if (oy < Ho && ox < Wo) v = epilogue_activation(acc + (bias != nullptr ? float(bias[n]) : 0.f), relu);
+    out[m * Cout + n] = E(v);
+  }
+};
+
+}  // namespace
+}  // namespace tc
+
+bool tensor_core_gather_conv2d(at::Tensor& packed, const at::Tensor& x, const at::Tensor& indices,
+                               const at::Tensor& weight, const at::Tensor& bias, const GatherConvGeometry& g,
+                               Activation act) {
+  if (!tc::switch_and_device_allow(x)) return false;
+  if (g.groups != 1 || g.Cin % tc::kVec != 0) return false;
+  if (!tc::channels_last_map(x) || !tc::channels_last_map(packed)) return false;
+  if (g.P == 0 || g.Cout == 0) return true;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor w = weight.permute({0, 2, 3, 1}).contiguous();  // k = (kh, kw, c), as the A loader walks
+  if (!tc::aligned16(w)) return false;  // a view of a caller's channels_last weight at an odd offset
+  const at::Tensor idx = indices.contiguous();
+  tc::dispatch_elem(x.scalar_type(), [&](auto elem) {
+    using E = decltype(elem);
+    tc::GatherConvProblem<E> p{tc::cptr<E>(x), tc::cptr<E>(w), tc::cptr<E>(bias), idx.data_ptr<int32_t>(),
+                               tc::mptr<E>(packed), g.H, g.W, g.Ho, g.Wo, g.P,
+                               static_cast<int>(g.Cin), static_cast<int>(g.Cout), static_cast<int>(g.K),
+                               static_cast<int>(g.S), static_cast<int>(g.stride), static_cast<int>(g.padding),
+                               static_cast<int>(g.dilation), act == Activation::kRelu};
+    tc::launch_gather_gemm(p, g.P * g.S * g.S, g.Cout, 1, at::cuda::getCurrentCUDAStream());
+  });
+  count_tensor_core_call();
+  return true;
+}
+
+namespace {
+// This translation unit exists only in builds with the tensor-core kernels.
+const bool kMarkedBuilt = (mark_tensor_cores_built(), true);
+}  // namespace
+
+}  // namespace laudnet_ops
