@@ -52,6 +52,17 @@ TORCH_LIBRARY_FRAGMENT(laudnet_ops, m) {
   // Returns whether the tensor-core kernel ran (false: ineligible, switched off, or not built).
   m.def("_tensor_core_conv1x1_scatter_add_(Tensor(a!) out, Tensor packed, Tensor indices, Tensor weight, "
         "Tensor? bias, str activation) -> bool");
+  // CPU emulations of the tensor-core kernels (float32): the kernels' gather and epilogue index math
+  // run on the host, so tests validate it without a GPU. Built with the tensor-core kernels only.
+  m.def("_tensor_core_emulate_gather_conv2d(Tensor x, Tensor indices, Tensor weight, Tensor? bias, "
+        "int patch_size, int stride, int padding, int dilation, str activation) -> Tensor");
+  m.def("_tensor_core_emulate_masker_conv1x1(Tensor x, Tensor weight, Tensor? bias, Tensor mask_weight, "
+        "Tensor? mask_bias, int patch_size, int stride, str activation) -> (Tensor, Tensor)");
+  m.def("_tensor_core_emulate_channel_gated_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? in_gates, "
+        "Tensor? out_gates, int group_size, int[2] stride, int[2] padding, int[2] dilation, str activation) "
+        "-> Tensor");
+  m.def("_tensor_core_emulate_conv1x1_scatter_add_(Tensor(a!) out, Tensor packed, Tensor indices, "
+        "Tensor weight, Tensor? bias, str activation) -> ()");
 }
 
 }  // namespace laudnet_ops

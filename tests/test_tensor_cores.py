@@ -219,13 +219,13 @@ GATHER_SHAPES = [
 ]
 
 
-def gather_case(shape, keep, dtype, seed):
+def gather_case(shape, keep, dtype, seed, device="cuda"):
     N, Cin, Cout, H, W, k, S, stride, padding, dilation = shape
     gen = torch.Generator().manual_seed(seed)
     Ho = (H + 2 * padding - dilation * (k - 1) - 1) // stride + 1
     Wo = (W + 2 * padding - dilation * (k - 1) - 1) // stride + 1
     mask = torch.rand(N, math.ceil(Ho / S), math.ceil(Wo / S), generator=gen) < keep
-    idx = reference.patch_indices(mask).cuda()
+    idx = reference.patch_indices(mask).to(device)
     x = randn(N, Cin, H, W, gen=gen)
     w = randn(Cout, Cin, k, k, gen=gen, scale=1 / math.sqrt(Cin * k * k))
     b = randn(Cout, gen=gen)
@@ -426,6 +426,13 @@ SCATTER_SHAPES = [
 ]
 
 
+def covered(idx, like, S):
+    """Bool (N, 1, H, W): the positions of like's map that a patch of idx (patch size S) covers."""
+    N, _, H, W = like.shape
+    ones = torch.ones(idx.shape[0], 1, S, S, dtype=torch.float32, device=like.device)
+    return reference.scatter_add(like.new_zeros(N, 1, H, W, dtype=torch.float32), ones, idx, "none") > 0
+
+
 @cuda
 @pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SCATTER_SHAPES, ids=lambda s: "N{}_C{}-{}_{}x{}_S{}".format(*s))
@@ -447,6 +454,8 @@ def test_conv1x1_scatter_add_matches_conv_then_scatter(tensor_cores, dtype, shap
     assert ran and calls.count == 1
     expected = residual.float().contiguous(memory_format=torch.channels_last)
     laudnet_ops.scatter_add_(expected, F.conv2d(packed.float(), w.float(), b.float()), idx, activation)
+    # scatter_add_ activates the whole map; the fused epilogue leaves positions without a patch untouched.
+    expected = torch.where(covered(idx, residual, S), expected, residual.float())
     assert_close_to_reference(out, expected, dtype)
 
 
@@ -465,3 +474,98 @@ def test_conv1x1_scatter_add_entry_point_declines_ineligible_calls(tensor_cores)
     w = randn(8, 16, 1, 1, gen=gen).to("cuda", torch.float16)
     assert not torch.ops.laudnet_ops._tensor_core_conv1x1_scatter_add_(out, packed, idx, w, None, "relu")
     assert torch.equal(out, before)
+
+
+# ---------------------------------------------------------------- the kernels' index math, on the CPU
+# The emulation ops run each tensor-core kernel's Problem (the gather addresses, the zeros, the
+# epilogue's positions, pooling and gate lists) on the host in float32, output by output, so the
+# index math is validated here without a GPU. They exist in builds with the tensor-core kernels.
+
+def emulated(name):
+    full = f"laudnet_ops::_tensor_core_emulate_{name}"
+    if laudnet_ops.extension_error is not None or not torch._C._dispatch_has_kernel_for_dispatch_key(full, "CPU"):
+        pytest.skip("the extension was built without the tensor-core kernels")
+    return getattr(torch.ops.laudnet_ops, f"_tensor_core_emulate_{name}")
+
+
+EXACT = dict(atol=1e-4, rtol=1e-4)  # float32 both sides, sums in a different order
+
+
+@pytest.mark.parametrize("shape", GATHER_SHAPES, ids=lambda s: "N{}_C{}-{}_{}x{}_k{}_S{}_s{}_p{}_d{}".format(*s))
+@pytest.mark.parametrize("keep", [0.0, 0.5, 1.0])
+def test_emulated_gather_conv2d_index_math(shape, keep):
+    op = emulated("gather_conv2d")
+    x, idx, w, b, conv = gather_case(shape, keep, torch.float32, seed=seed_of(shape, keep), device="cpu")
+    x, w, b = x.float(), w.float(), b.float()
+    for activation, bias in (("relu", b), ("none", None)):
+        got = op(x, idx, w, bias, conv["patch_size"], conv["stride"], conv["padding"], conv["dilation"], activation)
+        ref = reference.gather_conv2d(x, idx, w, bias, **conv, activation=activation)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, ref, **EXACT)
+
+
+@pytest.mark.parametrize("shape", MASKER_SHAPES, ids=lambda s: "N{}_C{}-{}_M{}_{}x{}_S{}_s{}".format(*s))
+def test_emulated_masker_conv1x1_index_math(shape):
+    op = emulated("masker_conv1x1")
+    N, Cin, Cout, M, H, W, S, stride = shape
+    gen = torch.Generator().manual_seed(seed_of(shape))
+    x = randn(N, Cin, H, W, gen=gen).float()
+    w = randn(Cout, Cin, 1, 1, gen=gen, scale=1 / math.sqrt(Cin)).float()
+    b = randn(Cout, gen=gen).float()
+    mw = randn(M, Cin, 1, 1, gen=gen, scale=1 / math.sqrt(Cin)).float()
+    mb = randn(M, gen=gen).float()
+    for activation in ("relu", "none"):
+        y, logits = op(x, w, b, mw, mb, S, stride, activation)
+        ry, rl = reference.masker_conv1x1(x, w, b, mw, mb, S, stride, activation)
+        torch.testing.assert_close(y, ry, **EXACT)
+        torch.testing.assert_close(logits, rl, **EXACT)
+
+
+@pytest.mark.parametrize("shape", CHANNEL_SHAPES, ids=lambda s: "N{}_C{}-{}_{}x{}_k{}_s{}_p{}_d{}_G{}".format(*s))
+@pytest.mark.parametrize("gates", ["random", "all_on", "all_off", "none", "inputs_off"])
+def test_emulated_channel_gated_conv2d_index_math(shape, gates):
+    op = emulated("channel_gated_conv2d")
+    N, Cin, Cout, H, W, k, stride, padding, dilation, G = shape
+    gen = torch.Generator().manual_seed(seed_of(shape, gates))
+    x = randn(N, Cin, H, W, gen=gen).float()
+    w = randn(Cout, Cin, k, k, gen=gen, scale=1 / math.sqrt(Cin * k * k)).float()
+    b = randn(Cout, gen=gen).float()
+    if gates == "none":
+        gin = gout = None
+    else:
+        keep = {"random": 0.5, "all_on": 1.0, "all_off": 0.0, "inputs_off": 0.0}[gates]
+        gin = torch.rand(N, Cin // G, generator=gen) < keep
+        gout = torch.rand(N, Cout // G, generator=gen) < (1.0 if gates == "inputs_off" else keep)
+    for activation in ("relu", "none"):
+        got = op(x, w, b, gin, gout, G, [stride] * 2, [padding] * 2, [dilation] * 2, activation)
+        ref = reference.channel_gated_conv2d(x, w, b, gin, gout, G, stride, padding, dilation, activation=activation)
+        torch.testing.assert_close(got, ref, **EXACT)
+
+
+@pytest.mark.parametrize("shape", SCATTER_SHAPES, ids=lambda s: "N{}_C{}-{}_{}x{}_S{}".format(*s))
+@pytest.mark.parametrize("keep", [0.0, 0.5, 1.0])
+def test_emulated_conv1x1_scatter_add_index_math(shape, keep):
+    op = emulated("conv1x1_scatter_add_")
+    N, Cin, Cout, Ho, Wo, S = shape
+    gen = torch.Generator().manual_seed(seed_of(shape, keep))
+    idx = reference.patch_indices(torch.rand(N, math.ceil(Ho / S), math.ceil(Wo / S), generator=gen) < keep)
+    packed = randn(idx.shape[0], Cin, S, S, gen=gen).float().contiguous(memory_format=torch.channels_last)
+    w = randn(Cout, Cin, 1, 1, gen=gen, scale=1 / math.sqrt(Cin)).float()
+    b = randn(Cout, gen=gen).float()
+    residual = randn(N, Cout, Ho, Wo, gen=gen).float().contiguous(memory_format=torch.channels_last)
+    for activation in ("relu", "none"):
+        out = residual.clone()
+        op(out, packed, idx, w, b, activation)
+        expected = reference.scatter_add(residual, F.conv2d(packed, w, b), idx, activation)
+        expected = torch.where(covered(idx, residual, S), expected, residual)  # untouched outside the patches
+        torch.testing.assert_close(out, expected, **EXACT)
+
+
+def test_emulation_rejects_what_the_kernels_cannot_take():
+    op = emulated("gather_conv2d")
+    x = torch.randn(1, 12, 6, 6)
+    idx = torch.zeros(1, 3, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="Cin must be a multiple of 8, got 12"):
+        op(x, idx, torch.randn(4, 12, 3, 3), None, 2, 1, 1, 1, "relu")
+    with pytest.raises(RuntimeError, match="float32 CPU tensors"):
+        op(x[:, :8].double(), idx, torch.randn(4, 8, 3, 3).double(), None, 2, 1, 1, 1, "relu")

@@ -14,6 +14,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 
 #include "../tensor_core.h"
 #include "common.cuh"
@@ -23,13 +24,10 @@ namespace laudnet_ops {
 namespace tc {
 namespace {
 
-// One thread per sample: the active input vectors and the output channels (active first).
-__global__ void gate_lists_kernel(const bool* __restrict__ in_gates, const bool* __restrict__ out_gates, int64_t N,
-                                  int Cin, int Cout, int G, int32_t* __restrict__ in_list,
-                                  int32_t* __restrict__ in_count, int32_t* __restrict__ out_list,
-                                  int32_t* __restrict__ out_count) {
-  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (n >= N) return;
+// Sample n's active input vectors (channel offsets) and its output channels, active ones first.
+CUTE_HOST_DEVICE void gate_lists_of_sample(int64_t n, const bool* in_gates, const bool* out_gates, int Cin, int Cout,
+                                           int G, int32_t* in_list, int32_t* in_count, int32_t* out_list,
+                                           int32_t* out_count) {
   const int in_groups = Cin / G, out_groups = Cout / G, cvecs = Cin / kVec;
   int count = 0;
   for (int gi = 0; gi < in_groups; ++gi) {
@@ -46,6 +44,25 @@ __global__ void gate_lists_kernel(const bool* __restrict__ in_gates, const bool*
     }
     if (pass == 0) out_count[n] = count;
   }
+}
+
+// One thread per sample.
+__global__ void gate_lists_kernel(const bool* __restrict__ in_gates, const bool* __restrict__ out_gates, int64_t N,
+                                  int Cin, int Cout, int G, int32_t* __restrict__ in_list,
+                                  int32_t* __restrict__ in_count, int32_t* __restrict__ out_list,
+                                  int32_t* __restrict__ out_count) {
+  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (n < N) gate_lists_of_sample(n, in_gates, out_gates, Cin, Cout, G, in_list, in_count, out_list, out_count);
+}
+
+struct GateLists {
+  at::Tensor in_list, in_count, out_list, out_count;
+};
+
+GateLists empty_gate_lists(const ConvGeometry& g, const at::TensorOptions& opts) {
+  const auto int_opts = opts.dtype(at::kInt).memory_format(at::MemoryFormat::Contiguous);
+  return GateLists{at::empty({g.N, g.Cin / kVec}, int_opts), at::empty({g.N}, int_opts),
+                   at::empty({g.N, g.Cout}, int_opts), at::empty({g.N}, int_opts)};
 }
 
 template <class E>
@@ -76,41 +93,89 @@ struct ChannelConvProblem {
   };
   using KB = KA;
 
-  __device__ int64_t rows(int) const { return Ho * Wo; }
-  __device__ int cols(int) const { return Cout; }
-  __device__ int active_cols(int z) const { return out_count[z]; }
-  __device__ int kvecs(int z) const { return KH * KW * in_count[z]; }
-  __device__ const E* any_src() const { return x; }
+  CUTE_HOST_DEVICE int64_t rows(int) const { return Ho * Wo; }
+  CUTE_HOST_DEVICE int cols(int) const { return Cout; }
+  CUTE_HOST_DEVICE int active_cols(int z) const { return out_count[z]; }
+  CUTE_HOST_DEVICE int kvecs(int z) const { return KH * KW * in_count[z]; }
+  CUTE_HOST_DEVICE const E* any_src() const { return x; }
 
-  __device__ RowA row_a(int z, int64_t m) const {
+  CUTE_HOST_DEVICE RowA row_a(int z, int64_t m) const {
     const int64_t oy = m / Wo, ox = m - oy * Wo;
     return RowA{z * H * W, static_cast<int>(oy * SH - PH), static_cast<int>(ox * SW - PW)};
   }
   // Only called with kvecs(z) > 0, so the sample has an active input vector.
-  __device__ KA k_a(int z, int kv) const {
+  CUTE_HOST_DEVICE KA k_a(int z, int kv) const {
     const int nin = in_count[z];
     const int tap = kv / nin;
     const int c = in_list[static_cast<int64_t>(z) * (Cin / kVec) + (kv - tap * nin)];
     return KA{(tap / KW) * DH, (tap % KW) * DW, tap * Cin + c, c};
   }
-  __device__ const E* a_src(const RowA& r, const KA& k) const {
+  CUTE_HOST_DEVICE const E* a_src(const RowA& r, const KA& k) const {
     const int iy = r.iy0 + k.dy, ix = r.ix0 + k.dx;
     if (iy < 0 || iy >= H || ix < 0 || ix >= W) return nullptr;
     return x + (r.pixel0 + static_cast<int64_t>(iy) * W + ix) * Cin + k.c;
   }
-  __device__ RowB row_b(int z, int n) const {
+  CUTE_HOST_DEVICE RowB row_b(int z, int n) const {
     return RowB{w + static_cast<int64_t>(out_list[static_cast<int64_t>(z) * Cout + n]) * KH * KW * Cin};
   }
-  __device__ KB k_b(int z, int kv) const { return k_a(z, kv); }
-  __device__ const E* b_src(const RowB& r, const KB& k) const { return r.w + k.tap_c; }
+  CUTE_HOST_DEVICE KB k_b(int z, int kv) const { return k_a(z, kv); }
+  CUTE_HOST_DEVICE const E* b_src(const RowB& r, const KB& k) const { return r.w + k.tap_c; }
 
-  __device__ void store(int z, int64_t m, int n, float acc) const {
+  CUTE_HOST_DEVICE void store(int z, int64_t m, int n, float acc) const {
     const int co = out_list[static_cast<int64_t>(z) * Cout + n];
     float v = 0.f;
     if (n < out_count[z]) v = epilogue_activation(acc + (bias != nullptr ? float(bias[co]) : 0.f), relu);
     y[(z * Ho * Wo + m) * Cout + co] = E(v);
   }
 };
+
+template <class E, class Launch>
+void run_channel_conv(at::Tensor& y, const at::Tensor& x, const at::Tensor& w_perm, const at::Tensor& bias,
+                      const GateLists& lists, const ConvGeometry& g, Activation act, Launch&& launch) {
+  ChannelConvProblem<E> p{cptr<E>(x), cptr<E>(w_perm), cptr<E>(bias), mptr<E>(y),
+                          lists.in_list.data_ptr<int32_t>(), lists.in_count.data_ptr<int32_t>(),
+                          lists.out_list.data_ptr<int32_t>(), lists.out_count.data_ptr<int32_t>(),
+                          g.H, g.W, g.Ho, g.Wo,
+                          static_cast<int>(g.Cin), static_cast<int>(g.Cout), static_cast<int>(g.KH),
+                          static_cast<int>(g.KW), static_cast<int>(g.SH), static_cast<int>(g.SW),
+                          static_cast<int>(g.PH), static_cast<int>(g.PW), static_cast<int>(g.DH),
+                          static_cast<int>(g.DW), act == Activation::kRelu};
+  launch(p, g.Ho * g.Wo, g.Cout, g.N);
+}
+
+// Weight (Cout, Cin, KH, KW) -> (Cout, KH, KW, Cin): k = (ky, kx, c), the order the loaders walk.
+at::Tensor taps_major(const at::Tensor& weight) { return weight.permute({0, 2, 3, 1}).contiguous(); }
+
+const bool* gates_ptr(const at::Tensor& gates) { return gates.defined() ? gates.data_ptr<bool>() : nullptr; }
+
+// CPU emulation (tests): float32, channels_last result, groups == 1, group_size % 8 == 0.
+at::Tensor channel_gated_conv2d_emulated(const at::Tensor& x, const at::Tensor& weight,
+                                         const c10::optional<at::Tensor>& bias,
+                                         const c10::optional<at::Tensor>& in_gates,
+                                         const c10::optional<at::Tensor>& out_gates, int64_t group_size,
+                                         c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                         c10::IntArrayRef dilation, c10::string_view activation) {
+  const char* op = "_tensor_core_emulate_channel_gated_conv2d";
+  const ConvGeometry g = check_channel_conv_args(x, weight, bias, in_gates, out_gates, group_size, stride, padding,
+                                                 dilation, 1, op);
+  check_emulation_input(x, op);
+  TORCH_CHECK(g.G % kVec == 0, op, ": group_size must be a multiple of 8, got ", g.G);
+  const Activation act = parse_activation(activation, op);
+  const at::Tensor src = x.contiguous(at::MemoryFormat::ChannelsLast), w = taps_major(weight);
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor gin = in_gates.has_value() ? in_gates->contiguous() : at::Tensor();
+  const at::Tensor gout = out_gates.has_value() ? out_gates->contiguous() : at::Tensor();
+  const GateLists lists = empty_gate_lists(g, x.options());
+  for (int64_t n = 0; n < g.N; ++n) {
+    gate_lists_of_sample(n, gates_ptr(gin), gates_ptr(gout), static_cast<int>(g.Cin), static_cast<int>(g.Cout),
+                         static_cast<int>(g.G), lists.in_list.data_ptr<int32_t>(), lists.in_count.data_ptr<int32_t>(),
+                         lists.out_list.data_ptr<int32_t>(), lists.out_count.data_ptr<int32_t>());
+  }
+  at::Tensor y = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  run_channel_conv<float>(y, src, w, b, lists, g, act,
+                          [](const auto& p, int64_t, int64_t, int64_t zs) { emulate_gather_gemm(p, zs); });
+  return y;
+}
 
 }  // namespace
 }  // namespace tc
@@ -123,32 +188,27 @@ bool tensor_core_channel_gated_conv2d(at::Tensor& y, const at::Tensor& x, const 
   if (!tc::channels_last_map(x) || !tc::channels_last_map(y)) return false;
   if (y.numel() == 0) return true;
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor w = weight.permute({0, 2, 3, 1}).contiguous();  // k = (ky, kx, c)
+  const at::Tensor w = tc::taps_major(weight);
   if (!tc::aligned16(w)) return false;  // a view of a caller's channels_last weight at an odd offset
-  const auto int_opts = x.options().dtype(at::kInt);
-  at::Tensor in_list = at::empty({g.N, g.Cin / tc::kVec}, int_opts), in_count = at::empty({g.N}, int_opts);
-  at::Tensor out_list = at::empty({g.N, g.Cout}, int_opts), out_count = at::empty({g.N}, int_opts);
+  const tc::GateLists lists = tc::empty_gate_lists(g, x.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   tc::gate_lists_kernel<<<(g.N + 127) / 128, 128, 0, stream>>>(
-      in_gates.defined() ? in_gates.data_ptr<bool>() : nullptr,
-      out_gates.defined() ? out_gates.data_ptr<bool>() : nullptr, g.N, static_cast<int>(g.Cin),
-      static_cast<int>(g.Cout), static_cast<int>(g.G), in_list.data_ptr<int32_t>(), in_count.data_ptr<int32_t>(),
-      out_list.data_ptr<int32_t>(), out_count.data_ptr<int32_t>());
+      tc::gates_ptr(in_gates), tc::gates_ptr(out_gates), g.N, static_cast<int>(g.Cin), static_cast<int>(g.Cout),
+      static_cast<int>(g.G), lists.in_list.data_ptr<int32_t>(), lists.in_count.data_ptr<int32_t>(),
+      lists.out_list.data_ptr<int32_t>(), lists.out_count.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   tc::dispatch_elem(x.scalar_type(), [&](auto elem) {
-    using E = decltype(elem);
-    tc::ChannelConvProblem<E> p{tc::cptr<E>(x), tc::cptr<E>(w), tc::cptr<E>(bias), tc::mptr<E>(y),
-                                in_list.data_ptr<int32_t>(), in_count.data_ptr<int32_t>(),
-                                out_list.data_ptr<int32_t>(), out_count.data_ptr<int32_t>(),
-                                g.H, g.W, g.Ho, g.Wo,
-                                static_cast<int>(g.Cin), static_cast<int>(g.Cout), static_cast<int>(g.KH),
-                                static_cast<int>(g.KW), static_cast<int>(g.SH), static_cast<int>(g.SW),
-                                static_cast<int>(g.PH), static_cast<int>(g.PW), static_cast<int>(g.DH),
-                                static_cast<int>(g.DW), act == Activation::kRelu};
-    tc::launch_gather_gemm(p, g.Ho * g.Wo, g.Cout, g.N, stream);
+    tc::run_channel_conv<decltype(elem)>(y, x, w, bias, lists, g, act,
+                                         [&](const auto& p, int64_t rows, int64_t cols, int64_t zs) {
+                                           tc::launch_gather_gemm(p, rows, cols, zs, stream);
+                                         });
   });
   count_tensor_core_call();
   return true;
+}
+
+TORCH_LIBRARY_IMPL(laudnet_ops, CPU, m) {
+  m.impl("_tensor_core_emulate_channel_gated_conv2d", &tc::channel_gated_conv2d_emulated);
 }
 
 }  // namespace laudnet_ops

@@ -5,6 +5,7 @@
 
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/core/ScalarType.h>
+#include <cute/config.hpp>
 #include <cute/numeric/numeric_types.hpp>
 
 #include <cstdint>
@@ -60,8 +61,24 @@ Elem* mptr(at::Tensor& t) {
 }
 
 // The runtime activation of an epilogue (one kernel for both kinds keeps the build small).
-__device__ __forceinline__ float epilogue_activation(float v, bool relu) {
+CUTE_HOST_DEVICE float epilogue_activation(float v, bool relu) {
   return relu && v < 0.f ? 0.f : v;  // keeps NaN, like torch.relu
+}
+
+// The CPU emulation ops take float32 tensors on the CPU only.
+inline void check_emulation_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, op,
+              ": the emulation takes float32 CPU tensors, got ", x.scalar_type(), " on ", x.device());
+}
+
+// Patch rows inside the grid (the emulation's memory safety; the CUDA ops validate on the device).
+inline void check_rows_in_grid(const at::Tensor& idx, int64_t N, int64_t Hp, int64_t Wp, const char* op) {
+  const int32_t* v = idx.data_ptr<int32_t>();
+  for (int64_t p = 0; p < idx.size(0); ++p) {
+    TORCH_CHECK(v[3 * p] >= 0 && v[3 * p] < N && v[3 * p + 1] >= 0 && v[3 * p + 1] < Hp && v[3 * p + 2] >= 0 &&
+                    v[3 * p + 2] < Wp,
+                op, ": indices row ", p, " is outside the patch grid");
+  }
 }
 
 }  // namespace tc

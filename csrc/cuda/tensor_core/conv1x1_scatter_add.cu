@@ -42,20 +42,20 @@ struct Conv1x1ScatterProblem {
   using RowB = RowA;
   using KB = KA;
 
-  __device__ int64_t rows(int) const { return P * S * S; }
-  __device__ int cols(int) const { return Cout; }
-  __device__ int active_cols(int) const { return Cout; }
-  __device__ int kvecs(int) const { return Cin / kVec; }
-  __device__ const E* any_src() const { return packed; }
+  CUTE_HOST_DEVICE int64_t rows(int) const { return P * S * S; }
+  CUTE_HOST_DEVICE int cols(int) const { return Cout; }
+  CUTE_HOST_DEVICE int active_cols(int) const { return Cout; }
+  CUTE_HOST_DEVICE int kvecs(int) const { return Cin / kVec; }
+  CUTE_HOST_DEVICE const E* any_src() const { return packed; }
 
-  __device__ RowA row_a(int, int64_t m) const { return RowA{packed + m * Cin}; }
-  __device__ KA k_a(int, int kv) const { return KA{kv * kVec}; }
-  __device__ const E* a_src(const RowA& r, const KA& k) const { return r.x + k.offset; }
-  __device__ RowB row_b(int, int n) const { return RowB{w + static_cast<int64_t>(n) * Cin}; }
-  __device__ KB k_b(int, int kv) const { return KB{kv * kVec}; }
-  __device__ const E* b_src(const RowB& r, const KB& k) const { return r.x + k.offset; }
+  CUTE_HOST_DEVICE RowA row_a(int, int64_t m) const { return RowA{packed + m * Cin}; }
+  CUTE_HOST_DEVICE KA k_a(int, int kv) const { return KA{kv * kVec}; }
+  CUTE_HOST_DEVICE const E* a_src(const RowA& r, const KA& k) const { return r.x + k.offset; }
+  CUTE_HOST_DEVICE RowB row_b(int, int n) const { return RowB{w + static_cast<int64_t>(n) * Cin}; }
+  CUTE_HOST_DEVICE KB k_b(int, int kv) const { return KB{kv * kVec}; }
+  CUTE_HOST_DEVICE const E* b_src(const RowB& r, const KB& k) const { return r.x + k.offset; }
 
-  __device__ void store(int, int64_t m, int n, float acc) const {
+  CUTE_HOST_DEVICE void store(int, int64_t m, int n, float acc) const {
     const int64_t p = m / (S * S);
     const int r = static_cast<int>(m - p * S * S);
     const int64_t oy = static_cast<int64_t>(idx[3 * p + 1]) * S + r / S;
@@ -65,6 +65,16 @@ struct Conv1x1ScatterProblem {
     *o = E(epilogue_activation(float(*o) + acc + (bias != nullptr ? float(bias[n]) : 0.f), relu));
   }
 };
+
+template <class E, class Launch>
+void run_conv1x1_scatter(at::Tensor& out, const at::Tensor& packed, const at::Tensor& idx, const at::Tensor& w,
+                         const at::Tensor& bias, Activation act, Launch&& launch) {
+  const int64_t P = idx.size(0), S = packed.size(2);
+  Conv1x1ScatterProblem<E> p{cptr<E>(packed), cptr<E>(w), cptr<E>(bias), idx.data_ptr<int32_t>(), mptr<E>(out),
+                             P, out.size(2), out.size(3), static_cast<int>(packed.size(1)),
+                             static_cast<int>(out.size(1)), static_cast<int>(S), act == Activation::kRelu};
+  launch(p, P * S * S, out.size(1), 1);
+}
 
 }  // namespace
 }  // namespace tc
@@ -85,13 +95,12 @@ bool tensor_core_conv1x1_scatter_add(at::Tensor& out, const at::Tensor& packed, 
   const at::Tensor w = weight.reshape({Cout, Cin}).contiguous();
   if (!tc::aligned16(w)) return false;  // a view of a caller's weight at an odd offset
   const at::Tensor idx = indices.contiguous();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   tc::dispatch_elem(out.scalar_type(), [&](auto elem) {
-    using E = decltype(elem);
-    tc::Conv1x1ScatterProblem<E> p{tc::cptr<E>(packed), tc::cptr<E>(w), tc::cptr<E>(b), idx.data_ptr<int32_t>(),
-                                   tc::mptr<E>(out), indices.size(0), out.size(2), out.size(3),
-                                   static_cast<int>(Cin), static_cast<int>(Cout), static_cast<int>(S),
-                                   act == Activation::kRelu};
-    tc::launch_gather_gemm(p, indices.size(0) * S * S, Cout, 1, at::cuda::getCurrentCUDAStream());
+    tc::run_conv1x1_scatter<decltype(elem)>(out, packed, idx, w, b, act,
+                                            [&](const auto& p, int64_t rows, int64_t cols, int64_t zs) {
+                                              tc::launch_gather_gemm(p, rows, cols, zs, stream);
+                                            });
   });
   count_tensor_core_call();
   return true;
@@ -99,18 +108,17 @@ bool tensor_core_conv1x1_scatter_add(at::Tensor& out, const at::Tensor& packed, 
 
 namespace {
 
-// Test access to the entry point until the public conv1x1_scatter_add op dispatches to it: the
-// shape checks keep the kernel inside its tensors, the indices are validated on the device.
-bool conv1x1_scatter_add_tc_op(at::Tensor& out, const at::Tensor& packed, const at::Tensor& indices,
-                               const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                               c10::string_view activation) {
-  const char* op = "_tensor_core_conv1x1_scatter_add_";
-  const Activation act = parse_activation(activation, op);
+// Shapes of the test op and of the emulation: they keep the kernels inside their tensors.
+PatchGeometry check_conv1x1_scatter_shapes(const at::Tensor& out, const at::Tensor& packed, const at::Tensor& indices,
+                                           const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                           const char* op) {
   check_dim(out, 4, op, "out");
   check_dim(packed, 4, op, "packed");
   check_same_device(out, packed, op, "out", "packed");
   check_same_device(out, weight, op, "out", "weight");
   check_same_device(out, indices, op, "out", "indices");
+  check_same_dtype(out, packed, op, "out", "packed");
+  check_same_dtype(out, weight, op, "out", "weight");
   check_indices_shape(indices, op);
   TORCH_CHECK(packed.size(2) >= 1 && packed.size(3) == packed.size(2) && packed.size(0) == indices.size(0), op,
               ": packed must have shape (P, Cin, S, S) with P = indices.size(0) = ", indices.size(0), ", got ",
@@ -124,16 +132,53 @@ bool conv1x1_scatter_add_tc_op(at::Tensor& out, const at::Tensor& packed, const 
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out.size(1), op, ": bias must have shape (Cout,), got ",
                 bias->sizes());
+    check_same_dtype(out, *bias, op, "out", "bias");
+    check_same_device(out, *bias, op, "out", "bias");
   }
+  return g;
+}
+
+// Test access to the entry point until the public conv1x1_scatter_add op dispatches to it; the
+// indices are validated on the device.
+bool conv1x1_scatter_add_tc_op(at::Tensor& out, const at::Tensor& packed, const at::Tensor& indices,
+                               const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                               c10::string_view activation) {
+  const char* op = "_tensor_core_conv1x1_scatter_add_";
+  const Activation act = parse_activation(activation, op);
+  const PatchGeometry g = check_conv1x1_scatter_shapes(out, packed, indices, weight, bias, op);
   const c10::cuda::CUDAGuard guard(out.device());
   cuda::validate_rows(indices.contiguous(), g, /*want_grid=*/false, op);
   return tensor_core_conv1x1_scatter_add(out, packed, indices, weight, bias, act);
+}
+
+// CPU emulation (tests): float32 out and packed, in place, with the kernel's index math.
+void conv1x1_scatter_add_emulated(at::Tensor& out, const at::Tensor& packed, const at::Tensor& indices,
+                                  const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                  c10::string_view activation) {
+  const char* op = "_tensor_core_emulate_conv1x1_scatter_add_";
+  const Activation act = parse_activation(activation, op);
+  const PatchGeometry g = check_conv1x1_scatter_shapes(out, packed, indices, weight, bias, op);
+  tc::check_emulation_input(out, op);
+  TORCH_CHECK(out.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": out must be channels_last");
+  TORCH_CHECK(packed.size(1) % tc::kVec == 0, op, ": Cin must be a multiple of 8, got ", packed.size(1));
+  const at::Tensor idx = indices.contiguous();
+  tc::check_rows_in_grid(idx, g.N, g.Hp, g.Wp, op);
+  const at::Tensor src = packed.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor w = weight.reshape({out.size(1), packed.size(1)}).contiguous();
+  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  tc::run_conv1x1_scatter<float>(out, src, idx, w, b, act, [](const auto& p, int64_t, int64_t, int64_t zs) {
+    tc::emulate_gather_gemm(p, zs);
+  });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(laudnet_ops, CUDA, m) {
   m.impl("_tensor_core_conv1x1_scatter_add_", &conv1x1_scatter_add_tc_op);
+}
+
+TORCH_LIBRARY_IMPL(laudnet_ops, CPU, m) {
+  m.impl("_tensor_core_emulate_conv1x1_scatter_add_", &conv1x1_scatter_add_emulated);
 }
 
 }  // namespace laudnet_ops

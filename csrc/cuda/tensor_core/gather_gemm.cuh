@@ -13,7 +13,8 @@
 // accumulator with its (m, n) to the Problem. One tile configuration (128 x 128 x 32, 4 warps,
 // 4 stages) keeps the number of template instantiations -- and the build time -- small.
 //
-// Problem interface (all __device__, z = blockIdx.z):
+// Problem interface (all CUTE_HOST_DEVICE, so emulate_gather_gemm can run the same index math on the
+// CPU for the tests; z = blockIdx.z):
 //   int64_t rows(z); int cols(z);        D's extent; cols are the columns the epilogue stores
 //   int active_cols(z);                  columns [active_cols, cols) have B = 0 (no loads, no MMA)
 //   int kvecs(z);                        K / 8
@@ -238,6 +239,33 @@ void launch_gather_gemm(const Problem& p, int64_t max_rows, int64_t max_cols, in
   kernel<<<dim3(static_cast<unsigned>(row_tiles * col_tiles), 1, static_cast<unsigned>(zs)), kThreads,
            Cfg::kSmemBytes, stream>>>(p, static_cast<int>(col_tiles));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The kernel's arithmetic, one output at a time on the host: the same Problem (instantiated with
+// Elem = float) decides every address, every zero and every store. Tests compare it with the
+// reference to validate the gather and epilogue index math without a GPU.
+template <class Problem>
+void emulate_gather_gemm(const Problem& p, int64_t zs) {
+  for (int z = 0; z < zs; ++z) {
+    const int64_t rows = p.rows(z);
+    const int cols = p.cols(z), active = p.active_cols(z), kvecs = p.kvecs(z);
+    for (int64_t m = 0; m < rows; ++m) {
+      const auto ra = p.row_a(z, m);
+      for (int n = 0; n < cols; ++n) {
+        float acc = 0.f;
+        if (n < active) {
+          const auto rb = p.row_b(z, n);
+          for (int kv = 0; kv < kvecs; ++kv) {
+            const auto* a = p.a_src(ra, p.k_a(z, kv));
+            const auto* b = p.b_src(rb, p.k_b(z, kv));
+            if (a == nullptr || b == nullptr) continue;  // the kernel's zero-filled vectors
+            for (int e = 0; e < kVec; ++e) acc += float(a[e]) * float(b[e]);
+          }
+        }
+        p.store(z, m, n, acc);
+      }
+    }
+  }
 }
 
 }  // namespace tc
