@@ -569,3 +569,37 @@ def test_emulation_rejects_what_the_kernels_cannot_take():
         op(x, idx, torch.randn(4, 12, 3, 3), None, 2, 1, 1, 1, "relu")
     with pytest.raises(RuntimeError, match="float32 CPU tensors"):
         op(x[:, :8].double(), idx, torch.randn(4, 8, 3, 3).double(), None, 2, 1, 1, 1, "relu")
+
+
+# ---------------------------------------------------------------- the benchmark (CPU-side)
+
+
+def load_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_tensor_cores", os.path.join(ROOT, "benchmarks",
+                                                                                    "bench_tensor_cores.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_peaks_come_from_the_device_name_or_the_overrides():
+    bench = load_bench()
+    none = type("Args", (), {"peak_tflops": None, "peak_gbs": None})()
+    assert bench.peaks_for("NVIDIA H100 80GB HBM3", none) == (989.0, 3350.0)
+    assert bench.peaks_for("NVIDIA H100 PCIe", none) == (756.0, 2000.0)
+    assert bench.peaks_for("NVIDIA H200", none) == (989.0, 4800.0)
+    assert bench.peaks_for("NVIDIA A100-SXM4-80GB", none) == (312.0, 2039.0)
+    override = type("Args", (), {"peak_tflops": 100.0, "peak_gbs": 900.0})()
+    assert bench.peaks_for("NVIDIA H100 80GB HBM3", override) == (100.0, 900.0)
+    with pytest.raises(SystemExit, match="pass --peak-tflops and --peak-gbs"):
+        bench.peaks_for("Some Future GPU", none)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_benchmark_without_a_gpu_says_so():
+    out = subprocess.run([sys.executable, os.path.join("benchmarks", "bench_tensor_cores.py")], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode != 0
+    assert "needs a CUDA GPU" in out.stderr
