@@ -129,6 +129,12 @@ def _extension():
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        # The tensor-core kernels need CUTLASS's headers; without them one small file answers
+        # "not built" for their entry points, so the SIMT files never need an #ifdef.
+        if cutlass:
+            sources += sorted(glob.glob("csrc/cuda/tensor_core/*.cu"))
+        else:
+            sources.append("csrc/cuda/tensor_core_absent.cpp")
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         include_dirs += _extra_cuda_includes()
         if cutlass:
@@ -140,6 +146,7 @@ def _extension():
     if with_cuda:
         print(f"  archs:   {archs}")
         print(f"  CUTLASS: {cutlass or 'not found (pip install --no-deps nvidia-cutlass, or set LAUDNET_OPS_CUTLASS_DIR)'}")
+        print(f"  tensor cores: {'built (off at run time unless LAUDNET_OPS_TENSOR_CORES=1)' if cutlass else 'not built (no CUTLASS)'}")
     print(f"  sources: {len(sources)} files, MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
 
     cls = CUDAExtension if with_cuda else CppExtension

@@ -5,6 +5,8 @@ parts (the reference ops, the latency predictor) work without it. The error
 is raised, with the fix, when an op is first used.
 """
 
+import os
+import warnings
 from typing import Optional
 
 import torch
@@ -46,3 +48,67 @@ def cuda_kernels_built() -> bool:
     if extension_error is not None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key("laudnet_ops::patch_indices", "CUDA")
+
+
+# ---------------------------------------------------------------- tensor-core switch
+# The tensor-core (CUTLASS/CuTe) CUDA kernels are compiled when the build finds CUDA and the
+# CUTLASS headers, but stay off until switched on: they have not yet been validated on a GPU.
+_TENSOR_CORES_ENV = "LAUDNET_OPS_TENSOR_CORES"
+
+
+def _compiled_module():
+    from . import _C
+
+    return _C
+
+
+def tensor_cores_built() -> bool:
+    """Whether the extension carries the tensor-core CUDA kernels (False without the extension)."""
+    if extension_error is not None:
+        return False
+    return bool(_compiled_module().tensor_cores_built())
+
+
+def tensor_cores_enabled() -> bool:
+    """Whether eligible CUDA calls (float16/bfloat16, channels_last, channels % 8 == 0) use tensor cores."""
+    if extension_error is not None:
+        return False
+    return bool(_compiled_module().tensor_cores_enabled())
+
+
+def set_tensor_cores(enabled: bool) -> None:
+    """Switch the tensor-core kernels on or off for this process (default: off, or on when the
+    environment variable LAUDNET_OPS_TENSOR_CORES=1 was set at import).
+
+    Raises ImportError without the compiled extension, and RuntimeError when turning them on in a
+    build without them (a CPU-only build, or a CUDA build made without the CUTLASS headers)."""
+    require_extension()
+    _compiled_module().set_tensor_cores(bool(enabled))
+
+
+def _apply_tensor_core_env() -> None:
+    value = os.environ.get(_TENSOR_CORES_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return
+    if value not in ("1", "true", "yes", "on"):
+        warnings.warn(f"laudnet_ops: {_TENSOR_CORES_ENV} must be 1 or 0, got {value!r}; tensor cores stay off")
+        return
+    if extension_error is not None:
+        return  # the op's first use raises the extension error with its fix
+    if not tensor_cores_built():
+        warnings.warn(
+            f"laudnet_ops: {_TENSOR_CORES_ENV}=1 but this build has no tensor-core kernels (it needs CUDA and the "
+            "CUTLASS headers at build time: pip install --no-deps nvidia-cutlass, then rebuild); using SIMT kernels"
+        )
+        return
+    set_tensor_cores(True)
+
+
+_apply_tensor_core_env()
+
+
+def _tensor_core_calls() -> int:
+    """How many op calls ran on tensor cores in this process (for tests and benchmarks)."""
+    if extension_error is not None:
+        return 0
+    return int(_compiled_module().tensor_core_calls())

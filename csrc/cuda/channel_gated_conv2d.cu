@@ -2,8 +2,9 @@
 // output element, threads ordered like memory (NCHW or channels_last). A thread
 // whose output group is off writes 0 and reads nothing; the others skip every
 // input gate group that is off, so work and reads follow the gate density.
-// Accumulates in float (double for float64). The tensor-core grouped-GEMM
-// version belongs to the CUTLASS issue.
+// Accumulates in float (double for float64). Eligible half/bfloat16
+// channels_last calls take the tensor-core grouped GEMM instead when it is
+// switched on (tensor_core.h).
 //
 // Not yet run on a GPU: written and compiled (sm_80, sm_90) on a machine
 // without one; validated against the reference only by the CUDA cases of
@@ -19,6 +20,7 @@
 #include "../activation.h"
 #include "../channel_geometry.h"
 #include "launch.cuh"
+#include "tensor_core.h"
 
 namespace laudnet_ops {
 namespace {
@@ -93,6 +95,7 @@ at::Tensor channel_gated_conv2d_cuda(const at::Tensor& x, const at::Tensor& weig
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor gin = in_gates.has_value() ? in_gates->contiguous() : at::Tensor();
   const at::Tensor gout = out_gates.has_value() ? out_gates->contiguous() : at::Tensor();
+  if (tensor_core_channel_gated_conv2d(y, src, w, b, gin, gout, g, act)) return y;
   const bool nhwc = layout == at::MemoryFormat::ChannelsLast;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "channel_gated_conv2d_cuda", [&] {
     with_activation(act, [&](auto A) {

@@ -8,7 +8,8 @@
 // Threads are ordered like packed's memory so that writes coalesce; in
 // channels_last neighbouring threads are neighbouring output channels of one
 // position and share their x reads through the cache. Accumulation is in
-// float (double for float64). The tensor-core version is its own issue.
+// float (double for float64). Eligible half/bfloat16 channels_last calls take the
+// tensor-core kernel instead when it is switched on (tensor_core.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -21,6 +22,7 @@
 #include "../spatial_conv.h"
 #include "patch_grid.cuh"
 #include "launch.cuh"
+#include "tensor_core.h"
 
 namespace laudnet_ops {
 namespace {
@@ -89,6 +91,7 @@ at::Tensor gather_conv2d_cuda(const at::Tensor& x, const at::Tensor& indices, co
   at::Tensor packed = at::empty({g.P, g.Cout, g.S, g.S}, x.options().memory_format(layout));
   const int64_t total = packed.numel();
   if (total == 0) return packed;
+  if (tensor_core_gather_conv2d(packed, src, idx, wc, b, g, act)) return packed;
   const bool nhwc = layout == at::MemoryFormat::ChannelsLast;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gather_conv2d_cuda", [&] {
     with_activation(act, [&](auto A) {

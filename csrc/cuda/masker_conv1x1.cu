@@ -10,6 +10,8 @@
 // x's memory (channel fastest in channels_last, pixel fastest in NCHW) so
 // neighbouring threads share or coalesce their x reads. The order of the
 // atomic adds varies, so logits may differ from run to run in the last bits.
+// Eligible half/bfloat16 channels_last calls take the tensor-core kernel instead
+// when it is switched on (tensor_core.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/Atomic.cuh>
@@ -25,6 +27,7 @@
 #include "../activation.h"
 #include "../spatial_conv.h"
 #include "launch.cuh"
+#include "tensor_core.h"
 
 namespace laudnet_ops {
 namespace {
@@ -99,6 +102,7 @@ std::tuple<at::Tensor, at::Tensor> masker_conv1x1_cuda(const at::Tensor& x, cons
   at::Tensor sums = at::zeros({g.N, g.M, g.Hq, g.Wq}, opts.dtype(acc_type));
   const int64_t total = g.N * g.H * g.W * (g.Cout + g.M);
   if (total == 0) return {y, sums.to(x.scalar_type())};
+  if (tensor_core_masker_conv1x1(y, sums, src, w, b, wm, mb, g, act)) return {y, sums.to(x.scalar_type())};
   const LogitStrides ls{sums.stride(0), sums.stride(1), sums.stride(2), sums.stride(3)};
   const bool nhwc = layout == at::MemoryFormat::ChannelsLast;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "masker_conv1x1_cuda", [&] {

@@ -1,0 +1,25 @@
+// The runtime switch of the tensor-core (CUTLASS/CuTe) CUDA kernels.
+//
+// The switch lives in a plain C++ file, compiled in every build (CPU-only
+// included), so the Python API (laudnet_ops.set_tensor_cores & co., exposed by
+// module.cpp) exists whatever was built. The tensor-core kernels mark
+// themselves built when their shared library is loaded.
+#pragma once
+
+#include <cstdint>
+
+namespace laudnet_ops {
+
+// Whether this extension carries the tensor-core kernels (CUDA and CUTLASS at build time).
+bool tensor_cores_built();
+// Whether eligible calls take the tensor-core kernels (default off until validated on a GPU).
+bool tensor_cores_enabled();
+// Turns the switch; turning it on in a build without the kernels throws, naming why.
+void set_tensor_cores(bool on);
+// Called once by the tensor-core kernels' translation unit at load time.
+void mark_tensor_cores_built();
+// Counts the calls that ran on tensor cores, so tests can tell which path a call took.
+void count_tensor_core_call();
+int64_t tensor_core_calls();
+
+}  // namespace laudnet_ops
