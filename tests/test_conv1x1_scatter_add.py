@@ -88,6 +88,20 @@ def test_bias_none_and_large_chunks(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_unordered_indices(device, layout):
+    # Rows in any order (not patch_indices' row-major one): the patches of a chunk are not consecutive.
+    residual, packed, indices, weight, bias = make_case(2, 7, 12, 17, 15, 2, 0.6, device=device, seed=8)
+    order = torch.randperm(indices.shape[0], generator=torch.Generator().manual_seed(0)).to(device)
+    indices, packed = indices[order], packed[order]
+    got = laudnet_ops.conv1x1_scatter_add(to_layout(residual, layout), to_layout(packed, layout), indices, weight, bias)
+    torch.testing.assert_close(got, ref(residual, packed, indices, weight, bias))
+    work = to_layout(torch.relu(residual), layout)
+    laudnet_ops.conv1x1_scatter_add_(work, to_layout(packed, layout), indices, weight, bias)
+    torch.testing.assert_close(work, ref(torch.relu(residual), packed, indices, weight, bias))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("activation", ["relu", "none"])
 def test_inplace_equals_out_of_place(device, layout, activation):
