@@ -118,6 +118,14 @@ def _taps_major(w):
     return w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
+def _interleaved_ms(fns, args):
+    best = [float("inf")] * len(fns)
+    for _ in range(args.rounds):
+        for k, fn in enumerate(fns):
+            best[k] = min(best[k], timeit(fn, args.min_run_time) * 1e3)
+    return best
+
+
 def bench_conv1x1_scatter(args, rows):
     dev, dt = args.device, torch.float32
     gen = torch.Generator().manual_seed(2)
@@ -140,13 +148,14 @@ def bench_conv1x1_scatter(args, rows):
                 w_fused = _taps_major(w) if layout == "channels_last" else w
                 w_conv = w.contiguous(memory_format=fmt)
                 work = res_l.clone()  # the in-place forms keep adding into it: fine for timing
-                times = (
-                    timeit(lambda: laudnet_ops.conv1x1_scatter_add(res_l, pk_l, idx, w_fused, b), args.min_run_time),
-                    timeit(lambda: laudnet_ops.scatter_add(res_l, F.conv2d(pk_l, w_conv, b), idx), args.min_run_time),
-                    timeit(lambda: laudnet_ops.conv1x1_scatter_add_(work, pk_l, idx, w_fused, b), args.min_run_time),
-                    timeit(lambda: laudnet_ops.scatter_add_(work, F.conv2d(pk_l, w_conv, b), idx), args.min_run_time),
+                fns = (
+                    lambda: laudnet_ops.conv1x1_scatter_add(res_l, pk_l, idx, w_fused, b),
+                    lambda: laudnet_ops.scatter_add(res_l, F.conv2d(pk_l, w_conv, b), idx),
+                    lambda: laudnet_ops.conv1x1_scatter_add_(work, pk_l, idx, w_fused, b),
+                    lambda: laudnet_ops.scatter_add_(work, F.conv2d(pk_l, w_conv, b), idx),
                 )
-                t = [v * 1e3 for v in times]
+                # Interleaved rounds, the fastest kept: load drift on a shared machine stays out of the ratios.
+                t = _interleaved_ms(fns, args)
                 r = dict(op="conv1x1_scatter_add", layout=layout, map=f"{H}x{H}", shape=f"{Cin}->{Cout}", S=S,
                          kept=keep, P=idx.shape[0], fused_ms=t[0], unfused_ms=t[1], fused_inplace_ms=t[2],
                          unfused_inplace_ms=t[3], **{"fused/unfused": t[0] / t[1],
@@ -163,6 +172,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
     parser.add_argument("--only", choices=("gather_conv2d", "masker_conv1x1", "conv1x1_scatter_add"), default=None)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="conv1x1_scatter_add: interleaved timing rounds, the fastest kept")
     parser.add_argument("--csv", default=None, help="write every row to this CSV file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
