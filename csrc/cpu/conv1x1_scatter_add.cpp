@@ -36,6 +36,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "../activation.h"
@@ -100,6 +101,27 @@ bool consecutive(const int32_t* p, int64_t count) {
   return true;
 }
 
+// Column ranges [x0, x1) of band b that no patch covers, neighbouring cells merged, so the
+// copy loops below run over whole rows where a band is empty.
+void uncovered_runs(const int32_t* grid, int64_t b, const PatchGeometry& g, std::vector<int64_t>& runs) {
+  runs.clear();
+  const int32_t* cells = grid + b * g.Wp;
+  for (int64_t px = 0; px < g.Wp; ++px) {
+    if (cells[px] >= 0) continue;
+    const int64_t x0 = px * g.S, x1 = std::min((px + 1) * g.S, g.W);
+    if (!runs.empty() && runs.back() == x0)
+      runs.back() = x1;
+    else
+      runs.insert(runs.end(), {x0, x1});
+  }
+}
+
+template <typename scalar_t, Activation A>
+inline void activate_copy(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t e = 0; e < n; ++e) dst[e] = activate<A>(acc_t(src[e]));
+}
+
 // Pointers of one call. res and dst are the same map in place.
 template <typename scalar_t>
 struct Operands {
@@ -129,22 +151,14 @@ inline void add_pixel(const scalar_t* v, const scalar_t* bias, const scalar_t* r
   }
 }
 
-// dst = act(res) in the uncovered cells of bands [b0, b1): runs of whole pixels.
+// dst = act(res) in the uncovered cells of band b: runs of whole pixels.
 template <typename scalar_t, Activation A>
-void uncovered_nhwc(const Operands<scalar_t>& o, int64_t b0, int64_t b1, const PatchGeometry& g) {
-  using acc_t = acc_of<scalar_t>;
-  const int64_t S = g.S, C = g.C;
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t n = b / g.Hp, y0 = (b % g.Hp) * S, h = std::min(S, g.H - y0);
-    const int32_t* cells = o.grid + b * g.Wp;
-    for (int64_t i = 0; i < h; ++i) {
-      const int64_t row = (n * g.H + y0 + i) * g.W;
-      for (int64_t px = 0; px < g.Wp; ++px) {
-        if (cells[px] >= 0) continue;
-        const int64_t first = (row + px * S) * C, last = (row + std::min((px + 1) * S, g.W)) * C;
-        for (int64_t e = first; e < last; ++e) o.dst[e] = activate<A>(acc_t(o.res[e]));
-      }
-    }
+void uncovered_nhwc(const Operands<scalar_t>& o, int64_t b, const std::vector<int64_t>& runs, const PatchGeometry& g) {
+  const int64_t C = g.C, n = b / g.Hp, y0 = (b % g.Hp) * g.S, h = std::min(g.S, g.H - y0);
+  for (int64_t i = 0; i < h; ++i) {
+    const int64_t row = (n * g.H + y0 + i) * g.W;
+    for (size_t r = 0; r < runs.size(); r += 2)
+      activate_copy<scalar_t, A>(o.res + (row + runs[r]) * C, o.dst + (row + runs[r]) * C, (runs[r + 1] - runs[r]) * C);
   }
 }
 
@@ -177,21 +191,21 @@ void covered_nhwc(const Operands<scalar_t>& o, const int32_t* patches, int64_t c
 
 // ---------------------------------------------------------------- contiguous
 
+// Channel-major, as NCHW memory is: per channel, the task's bands are one contiguous stretch of
+// rows (band by band would hop across all C planes for every S rows: several times slower).
+// runs[k] are the uncovered column ranges of band b0 + k.
 template <typename scalar_t, Activation A>
-void uncovered_nchw(const Operands<scalar_t>& o, int64_t b0, int64_t b1, const PatchGeometry& g) {
-  using acc_t = acc_of<scalar_t>;
-  const int64_t S = g.S, W = g.W;
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t n = b / g.Hp, y0 = (b % g.Hp) * S, h = std::min(S, g.H - y0);
-    const int32_t* cells = o.grid + b * g.Wp;
-    for (int64_t c = 0; c < g.C; ++c) {
+void uncovered_nchw(const Operands<scalar_t>& o, int64_t b0, const std::vector<std::vector<int64_t>>& runs,
+                    const PatchGeometry& g) {
+  for (int64_t c = 0; c < g.C; ++c) {
+    for (size_t k = 0; k < runs.size(); ++k) {
+      const int64_t b = b0 + static_cast<int64_t>(k);
+      const int64_t n = b / g.Hp, y0 = (b % g.Hp) * g.S, h = std::min(g.S, g.H - y0);
+      const std::vector<int64_t>& rk = runs[k];
       for (int64_t i = 0; i < h; ++i) {
-        const int64_t row = ((n * g.C + c) * g.H + y0 + i) * W;
-        for (int64_t px = 0; px < g.Wp; ++px) {
-          if (cells[px] >= 0) continue;
-          for (int64_t x = px * S; x < std::min((px + 1) * S, W); ++x)
-            o.dst[row + x] = activate<A>(acc_t(o.res[row + x]));
-        }
+        const int64_t row = ((n * g.C + c) * g.H + y0 + i) * g.W;
+        for (size_t r = 0; r < rk.size(); r += 2)
+          activate_copy<scalar_t, A>(o.res + row + rk[r], o.dst + row + rk[r], rk[r + 1] - rk[r]);
       }
     }
   }
@@ -233,22 +247,27 @@ void run_tasks(const Operands<scalar_t>& o, const Plan& plan, const Conv1x1Scatt
   const int64_t ld = plan.max_rows;
   at::parallel_for(0, plan.tasks(), 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> patches;
-    std::vector<scalar_t> a_buf(ld * geo.Cin), c_buf(ld * g.C);
+    std::vector<std::vector<int64_t>> runs;
+    // Scratch the GEMM overwrites: left uninitialised.
+    const std::unique_ptr<scalar_t[]> a_buf(new scalar_t[ld * geo.Cin]), c_buf(new scalar_t[ld * g.C]);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b0 = plan.task_bands[t], b1 = plan.task_bands[t + 1];
       if (o.fill_uncovered) {
-        if (kChannelsLast)
-          uncovered_nhwc<scalar_t, A>(o, b0, b1, g);
-        else
-          uncovered_nchw<scalar_t, A>(o, b0, b1, g);
+        runs.resize(b1 - b0);
+        for (int64_t b = b0; b < b1; ++b) uncovered_runs(o.grid, b, g, runs[b - b0]);
+        if (kChannelsLast) {
+          for (int64_t b = b0; b < b1; ++b) uncovered_nhwc<scalar_t, A>(o, b, runs[b - b0], g);
+        } else {
+          uncovered_nchw<scalar_t, A>(o, b0, runs, g);
+        }
       }
       list_patches(o.grid, b0, b1, g, patches);
       for (int64_t k = 0; k < static_cast<int64_t>(patches.size()); k += plan.patches_per_chunk) {
         const int64_t count = std::min<int64_t>(plan.patches_per_chunk, patches.size() - k);
         if (kChannelsLast)
-          covered_nhwc<scalar_t, A>(o, patches.data() + k, count, geo, a_buf.data(), c_buf.data());
+          covered_nhwc<scalar_t, A>(o, patches.data() + k, count, geo, a_buf.get(), c_buf.get());
         else
-          covered_nchw<scalar_t, A>(o, patches.data() + k, count, geo, ld, a_buf.data(), c_buf.data());
+          covered_nchw<scalar_t, A>(o, patches.data() + k, count, geo, ld, a_buf.get(), c_buf.get());
       }
     }
     cpu::gemm_release<scalar_t>();
