@@ -18,12 +18,14 @@ the bare F.conv2d (no bias, no activation), so the ratios are, if anything, unfa
 to the fused op.
 
     python benchmarks/bench_spatial_ops.py [--threads 2] [--csv out.csv] [--device cpu]
+        [--only conv1x1_scatter_add] [--rounds 3] [--threads 1 --clock thread]
 """
 
 import argparse
 import csv
 import math
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +37,14 @@ from laudnet_ops import unfused
 CL = torch.channels_last
 
 
+# Wall clock, or with --threads 1 --clock thread the thread's CPU time, which leaves out the time other
+# processes hold the core (the one stable measure on a loaded shared machine; see _common.configure_cpu).
+_CLOCK = {"timer": time.perf_counter}
+
+
 def timeit(fn, min_run_time):
     """Median seconds of fn() (CUDA: synchronised by Timer)."""
-    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads(), timer=_CLOCK["timer"])
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
@@ -175,9 +182,15 @@ def main():
     parser.add_argument("--rounds", type=int, default=3,
                         help="conv1x1_scatter_add: interleaved timing rounds, the fastest kept")
     parser.add_argument("--csv", default=None, help="write every row to this CSV file")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="CPU timings: wall time, or (with --threads 1) the thread's CPU time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
+    if args.clock == "thread":
+        if args.threads != 1 or args.device != "cpu":
+            raise SystemExit("--clock thread needs --threads 1 on the CPU (it times the calling thread only)")
+        _CLOCK["timer"] = time.thread_time
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.clock} clock, device {args.device}")
     rows = []
     with torch.no_grad():
         if args.only in (None, "gather_conv2d"):
