@@ -60,6 +60,12 @@ def _scatter_add(residual, packed, indices, activation="relu"):
     return reference._activate(residual + canvas[:, :, :H, :W], activation)
 
 
+def _conv1x1_scatter_add(residual, packed, indices, weight, bias=None, activation="relu"):
+    """Unfused last conv + scatter-add: the 1x1 conv writes the (P, Cout, S, S) patches, then the
+    unfused scatter-add reads them back."""
+    return _scatter_add(residual, torch.nn.functional.conv2d(packed, weight, bias), indices, activation)
+
+
 def _sample_gather(x, gates):
     """Unfused sample gather: index list, then a row copy."""
     sel = gates.nonzero().flatten().to(torch.int32)
@@ -83,6 +89,8 @@ _UNFUSED_OPS = {
     "gather_conv2d": _gather_conv2d,
     "scatter_add": _scatter_add,
     "scatter_add_": _scatter_add,
+    "conv1x1_scatter_add": _conv1x1_scatter_add,
+    "conv1x1_scatter_add_": _conv1x1_scatter_add,
     "sample_gather": _sample_gather,
     "sample_scatter_add": _sample_scatter_add,
     "sample_scatter_add_": _sample_scatter_add,
@@ -91,7 +99,7 @@ _UNFUSED_OPS = {
 FUSION_OPS = {
     "masker": ("masker_conv1x1",),
     "gather": ("gather_conv2d",),
-    "scatter": ("scatter_add", "scatter_add_"),
+    "scatter": ("scatter_add", "scatter_add_", "conv1x1_scatter_add", "conv1x1_scatter_add_"),
 }
 UNFUSED_MODES = ("spatial", "layer")
 

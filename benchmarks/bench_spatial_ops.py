@@ -6,6 +6,11 @@ dense F.conv2d in NCHW and in channels_last (oneDNN's channels_last convolution 
 stronger baseline on CPU), and against the unfused gather -> conv composite.
 masker_conv1x1 against the plain 1x1 convolution alone and against the unfused
 conv + pool + masker-conv, each in NCHW and channels_last.
+conv1x1_scatter_add (out of place and in place) against the unfused pair it replaces,
+F.conv2d(packed, w3, b3) then scatter_add / scatter_add_, on the ResNet-50 bottlenecks'
+last 1x1 convolutions (N=8), each in NCHW and channels_last (the F.conv2d baseline gets
+a channels_last weight there; the fused op gets the (Cin, Cout) "taps_major" weight the
+blocks pass).
 
 Every time is the median of torch.utils.benchmark's blocked_autorange; ratios are taken
 within this one run. The fused op includes its bias and ReLU; the dense baselines are
@@ -13,12 +18,14 @@ the bare F.conv2d (no bias, no activation), so the ratios are, if anything, unfa
 to the fused op.
 
     python benchmarks/bench_spatial_ops.py [--threads 2] [--csv out.csv] [--device cpu]
+        [--only conv1x1_scatter_add] [--rounds 3] [--threads 1 --clock thread]
 """
 
 import argparse
 import csv
 import math
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +37,14 @@ from laudnet_ops import unfused
 CL = torch.channels_last
 
 
+# Wall clock, or with --threads 1 --clock thread the thread's CPU time, which leaves out the time other
+# processes hold the core (the one stable measure on a loaded shared machine; see _common.configure_cpu).
+_CLOCK = {"timer": time.perf_counter}
+
+
 def timeit(fn, min_run_time):
     """Median seconds of fn() (CUDA: synchronised by Timer)."""
-    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads(), timer=_CLOCK["timer"])
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
@@ -108,22 +120,85 @@ def bench_masker(args, rows):
             sys.stdout.flush()
 
 
+def _taps_major(w):
+    """The (Cin, Cout)-ordered weight the blocks pass for channels_last maps (nn/folding.py)."""
+    return w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+
+def _interleaved_ms(fns, args):
+    best = [float("inf")] * len(fns)
+    for _ in range(args.rounds):
+        for k, fn in enumerate(fns):
+            best[k] = min(best[k], timeit(fn, args.min_run_time) * 1e3)
+    return best
+
+
+def bench_conv1x1_scatter(args, rows):
+    dev, dt = args.device, torch.float32
+    gen = torch.Generator().manual_seed(2)
+    N = 8
+    print(f"\nconv1x1_scatter_add vs F.conv2d(packed, w3, b3) + scatter_add[_], N={N}, {dt}, {args.device}")
+    hdr = ("layout", "map", "Cin->Cout", "S", "kept", "P", "fused_ms", "unfused_ms", "fused_/ms", "unfused_/ms",
+           "fused/unfused", "fused_/unfused_")
+    print(" ".join(f"{h:>15}" for h in hdr))
+    for (H, Cin, Cout, S) in ((56, 64, 256, 4), (28, 128, 512, 4), (14, 256, 1024, 2), (7, 512, 2048, 1)):
+        Hp = math.ceil(H / S)
+        w = (torch.randn(Cout, Cin, 1, 1, generator=gen) / math.sqrt(Cin)).to(dev, dt)
+        b = torch.randn(Cout, generator=gen).to(dev, dt)
+        res = torch.relu(torch.randn(N, Cout, H, H, generator=gen)).to(dev, dt)
+        for keep in (0.25, 0.5, 1.0):
+            idx = exact_indices(N, Hp, Hp, keep, gen, dev)
+            pk = torch.randn(idx.shape[0], Cin, S, S, generator=gen).to(dev, dt)
+            for layout in ("nchw", "channels_last"):
+                fmt = CL if layout == "channels_last" else torch.contiguous_format
+                pk_l, res_l = pk.contiguous(memory_format=fmt), res.contiguous(memory_format=fmt)
+                w_fused = _taps_major(w) if layout == "channels_last" else w
+                w_conv = w.contiguous(memory_format=fmt)
+                work = res_l.clone()  # the in-place forms keep adding into it: fine for timing
+                fns = (
+                    lambda: laudnet_ops.conv1x1_scatter_add(res_l, pk_l, idx, w_fused, b),
+                    lambda: laudnet_ops.scatter_add(res_l, F.conv2d(pk_l, w_conv, b), idx),
+                    lambda: laudnet_ops.conv1x1_scatter_add_(work, pk_l, idx, w_fused, b),
+                    lambda: laudnet_ops.scatter_add_(work, F.conv2d(pk_l, w_conv, b), idx),
+                )
+                # Interleaved rounds, the fastest kept: load drift on a shared machine stays out of the ratios.
+                t = _interleaved_ms(fns, args)
+                r = dict(op="conv1x1_scatter_add", layout=layout, map=f"{H}x{H}", shape=f"{Cin}->{Cout}", S=S,
+                         kept=keep, P=idx.shape[0], fused_ms=t[0], unfused_ms=t[1], fused_inplace_ms=t[2],
+                         unfused_inplace_ms=t[3], **{"fused/unfused": t[0] / t[1],
+                                                     "fused_/unfused_": t[2] / t[3]})
+                rows.append(r)
+                print(f"{layout:>15} {H:>12}x{H:<2} {f'{Cin}->{Cout}':>15} {S:>15} {keep:>15} {idx.shape[0]:>15} "
+                      + " ".join(f"{v:>15.3f}" for v in t) + f" {t[0] / t[1]:>15.3f} {t[2] / t[3]:>15.3f}")
+                sys.stdout.flush()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
-    parser.add_argument("--only", choices=("gather_conv2d", "masker_conv1x1"), default=None)
+    parser.add_argument("--only", choices=("gather_conv2d", "masker_conv1x1", "conv1x1_scatter_add"), default=None)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="conv1x1_scatter_add: interleaved timing rounds, the fastest kept")
     parser.add_argument("--csv", default=None, help="write every row to this CSV file")
+    parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                        help="CPU timings: wall time, or (with --threads 1) the thread's CPU time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
+    if args.clock == "thread":
+        if args.threads != 1 or args.device != "cpu":
+            raise SystemExit("--clock thread needs --threads 1 on the CPU (it times the calling thread only)")
+        _CLOCK["timer"] = time.thread_time
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.clock} clock, device {args.device}")
     rows = []
     with torch.no_grad():
         if args.only in (None, "gather_conv2d"):
             bench_gather_conv(args, rows)
         if args.only in (None, "masker_conv1x1"):
             bench_masker(args, rows)
+        if args.only in (None, "conv1x1_scatter_add"):
+            bench_conv1x1_scatter(args, rows)
     if args.csv:
         keys = sorted({k for r in rows for k in r})
         with open(args.csv, "w", newline="") as f:

@@ -68,6 +68,21 @@ def scatter_add(
     return _activate(residual + canvas[:, :, :H, :W], activation)
 
 
+def conv1x1_scatter_add(
+    residual: torch.Tensor,
+    packed: torch.Tensor,
+    indices: torch.Tensor,
+    weight: torch.Tensor,
+    bias=None,
+    activation: str = "relu",
+) -> torch.Tensor:
+    """``scatter_add`` of the 1x1 convolution of the packed patches: ``packed`` ``(P, Cin, S, S)``,
+    ``weight`` ``(Cout, Cin, 1, 1)``, ``bias`` ``(Cout,)`` or None, ``residual`` ``(N, Cout, Ho, Wo)``."""
+    if weight.shape[2:] != (1, 1):
+        raise ValueError("weight must be a 1x1 kernel")
+    return scatter_add(residual, torch.nn.functional.conv2d(packed, weight, bias), indices, activation)
+
+
 def _gate_mask(gates: torch.Tensor, group_size: int) -> torch.Tensor:
     """bool ``(N, C / G)`` gates -> bool ``(N, C, 1, 1)``: each gate repeated over its ``G`` channels."""
     return gates.repeat_interleave(group_size, dim=1)[:, :, None, None]

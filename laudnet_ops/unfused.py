@@ -59,3 +59,8 @@ def masker_conv1x1(x, weight, bias, mask_weight, mask_bias, patch_size, stride=1
     window = patch_size * stride
     pooled = F.avg_pool2d(x, window, window, ceil_mode=True)  # border windows: mean of what is inside
     return y, F.conv2d(pooled, mask_weight, mask_bias)
+
+
+def conv1x1_scatter_add(residual, packed, indices, weight, bias=None, activation="relu"):
+    """The 1x1 convolution writes the ``(P, Cout, S, S)`` patches, then the composite scatter reads them."""
+    return scatter_add(residual, F.conv2d(packed, weight, bias), indices, activation)

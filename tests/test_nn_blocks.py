@@ -117,6 +117,34 @@ def test_sparse_in_place_residual_when_the_block_owns_its_input(kind, mode, gran
 
 
 @pytest.mark.parametrize("kind", ["bottleneck", "regnet"])
+@pytest.mark.parametrize("owns_input", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sparse_spatial_fuses_the_last_conv_with_the_scatter(monkeypatch, kind, owns_input, channels_last):
+    # The sparse spatial path ends in conv1x1_scatter_add (in place when the block owns its input),
+    # and no (P, Cout, S, S) conv3 output is made: the op list is exactly the fused pipeline.
+    import laudnet_ops.nn.blocks as blocks
+
+    needs_sparse_ops("spatial")
+    calls = []
+    real_op = blocks.op
+
+    def recording_op(name):
+        calls.append(name)
+        return real_op(name)
+
+    monkeypatch.setattr(blocks, "op", recording_op)
+    block = _blocks(kind, "spatial", 3, 1, force_keep=0.5).eval()
+    block.owns_activated_input = owns_input
+    x = F.relu(torch.randn(2, 16, 9, 7))
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    set_execution(block, "sparse")
+    set_force_keep(block, 0.5, seed=2)
+    block(x.clone(memory_format=torch.preserve_format))
+    last = "conv1x1_scatter_add_" if owns_input and block._projection() is None else "conv1x1_scatter_add"
+    assert calls == ["masker_conv1x1", "patch_indices", "gather_conv2d", last]
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "regnet"])
 @pytest.mark.parametrize("mode,granularity", MODE_CASES[1:])
 @pytest.mark.parametrize("execution", ["masked", "sparse"])
 def test_force_keep_zero_leaves_the_shortcut(kind, mode, granularity, execution):

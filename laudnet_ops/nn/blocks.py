@@ -38,7 +38,7 @@ EXECUTIONS = ("masked", "sparse")
 # The compiled ops each mode's sparse path calls (dense mode needs none: folded F.conv2d only).
 SPARSE_OPS = {
     "dense": (),
-    "spatial": ("masker_conv1x1", "patch_indices", "gather_conv2d", "scatter_add", "scatter_add_"),
+    "spatial": ("masker_conv1x1", "patch_indices", "gather_conv2d", "conv1x1_scatter_add", "conv1x1_scatter_add_"),
     "channel": ("channel_gated_conv2d",),
     "layer": ("sample_gather", "sample_scatter_add", "sample_scatter_add_"),
 }
@@ -157,11 +157,13 @@ class DynamicBlock(nn.Module):
         # The identity is this block's own post-ReLU input only without a projection shortcut.
         return self.owns_activated_input and self._projection() is None
 
-    def _residual_add(self, identity, packed, indices):
-        """``relu(identity + patches)``: in place when this block owns a post-ReLU input."""
+    def _residual_add(self, identity, packed, indices, weight, bias):
+        """``relu(identity + conv1x1(packed, weight, bias))`` at the patches, the block's last conv fused
+        with the scatter (its (P, Cout, S, S) output never reaches memory): in place when this block
+        owns a post-ReLU input."""
         if self._in_place_residual():
-            return op("scatter_add_")(identity, packed, indices, "relu")
-        return op("scatter_add")(identity, packed, indices, "relu")
+            return op("conv1x1_scatter_add_")(identity, packed, indices, weight, bias, "relu")
+        return op("conv1x1_scatter_add")(identity, packed, indices, weight, bias, "relu")
 
     def _sparse_layer(self, x):
         """Layer skipping: the branch runs on the kept samples only, scattered back with the residual."""
@@ -184,8 +186,8 @@ class DynamicBlock(nn.Module):
 
 
 def _weight_layout(x: torch.Tensor) -> Optional[str]:
-    """The weight layout the channel-gated CPU kernel reads without re-laying it: (ky, kx, Cin, Cout)
-    for a channels_last map, plain contiguous otherwise."""
+    """The weight layout the channel-gated and conv1x1_scatter_add CPU kernels read without re-laying
+    it: (ky, kx, Cin, Cout) for a channels_last map, plain contiguous otherwise."""
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return "taps_major" if cl else None
 
@@ -257,7 +259,7 @@ class DynamicBottleneck(DynamicBlock):
         # (Cin, Cout)-ordered weights: the CPU kernels' GEMM operands, read without a copy per call.
         w1, b1 = self._fold("conv1", self.conv1, self.bn1, "taps_major")
         w2, b2 = self._fold("conv2", self.conv2, self.bn2, "taps_major")
-        w3, b3 = self._fold("conv3", self.conv3, self.bn3)
+        w3, b3 = self._fold("conv3", self.conv3, self.bn3, _weight_layout(x))
         masker = self.masker.conv
         # conv1 runs on every input pixel: the fused masker reads them all anyway, and in a stride-2
         # block the kept output patches' halos reach input pixels outside any output patch.
@@ -267,11 +269,9 @@ class DynamicBottleneck(DynamicBlock):
         c2 = self.conv2
         packed = op("gather_conv2d")(y1, indices, w2, b2, S, self.stride, c2.padding[0], c2.dilation[0],
                                      c2.groups, "relu")
-        # A 1x1 conv of packed patches is a plain conv of the (P, C, S, S) batch.
-        packed = F.conv2d(packed, w3, b3)
         identity = self._identity(x)
         self._record(x, tuple(identity.shape[2:]), mask)
-        return self._residual_add(identity, packed, indices)
+        return self._residual_add(identity, packed, indices, w3, b3)
 
     def _sparse_channel(self, x):
         G = self.granularity
@@ -396,7 +396,7 @@ class DynamicRegNetYBlock(DynamicBlock):
 
     def _sparse_spatial(self, x):
         S = self.granularity
-        (wa, ba), (wb, bb), (wc, bc) = self._folded_convs()
+        (wa, ba), (wb, bb), _ = self._folded_convs()
         masker = self.masker.conv
         # conv a on every input pixel: see DynamicBottleneck._sparse_spatial.
         y1, logits = op("masker_conv1x1")(x, wa, ba, masker.weight, masker.bias, S, self.stride, "relu")
@@ -412,10 +412,11 @@ class DynamicRegNetYBlock(DynamicBlock):
         sums = packed.new_zeros(N, C).index_add_(0, sample, packed.sum((2, 3)))
         counts = expand_patch_mask(mask, S, *out_hw).sum((1, 2, 3)).clamp(min=1).to(sums.dtype)
         scale = self.f.se.scale((sums / counts[:, None])[:, :, None, None])[:, :, 0, 0]
+        # The SE scales conv c's input channels, so conv c still fuses with the scatter after it.
         packed = packed * scale[sample][:, :, None, None]
-        packed = F.conv2d(packed, wc, bc)
         self._record(x, out_hw, mask)
-        return self._residual_add(identity, packed, indices)
+        wc, bc = self._fold("c", self.f.c[0], self.f.c[1], _weight_layout(x))
+        return self._residual_add(identity, packed, indices, wc, bc)
 
     def _sparse_channel(self, x):
         G = self.granularity
