@@ -460,6 +460,36 @@ def test_conv1x1_scatter_add_matches_conv_then_scatter(tensor_cores, dtype, shap
 
 
 @cuda
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SCATTER_SHAPES, ids=lambda s: "N{}_C{}-{}_{}x{}_S{}".format(*s))
+@pytest.mark.parametrize("in_place", [False, True], ids=["out_of_place", "in_place"])
+@pytest.mark.parametrize("activation", ["relu", "none"])
+def test_public_conv1x1_scatter_add_takes_tensor_cores(tensor_cores, dtype, shape, in_place, activation):
+    # The public ops dispatch to the fused tensor-core epilogue for channels_last half maps, with the
+    # op's contract (out of place: act(residual) where no patch covers).
+    N, Cin, Cout, Ho, Wo, S = shape
+    gen = torch.Generator().manual_seed(seed_of(shape, in_place))
+    mask = torch.rand(N, math.ceil(Ho / S), math.ceil(Wo / S), generator=gen) < 0.5
+    idx = reference.patch_indices(mask).cuda()
+    packed = cl(randn(idx.shape[0], Cin, S, S, gen=gen), dtype)
+    w = randn(Cout, Cin, 1, 1, gen=gen, scale=1 / math.sqrt(Cin)).to("cuda", dtype)
+    b = randn(Cout, gen=gen).to("cuda", dtype)
+    residual = cl(randn(N, Cout, Ho, Wo, gen=gen), dtype)
+    if in_place and activation == "relu":
+        residual = residual.relu()  # the in-place form's precondition: a post-activation map
+    want = reference.conv1x1_scatter_add(residual.double(), packed.double(), idx, w.double(), b.double(), activation)
+    with Calls() as calls:
+        if in_place:
+            got = residual.clone()
+            laudnet_ops.conv1x1_scatter_add_(got, packed, idx, w, b, activation)
+        else:
+            got = laudnet_ops.conv1x1_scatter_add(residual, packed, idx, w, b, activation)
+    assert calls.count == 1
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert_close_to_reference(got, want, dtype)
+
+
+@cuda
 def test_conv1x1_scatter_add_entry_point_declines_ineligible_calls(tensor_cores):
     gen = torch.Generator().manual_seed(2)
     idx = reference.patch_indices(torch.ones(1, 2, 2, dtype=torch.bool)).cuda()

@@ -8,21 +8,24 @@
 // weight is read as (Cin, Cout) so that in channels_last neighbouring threads
 // (neighbouring channels) read neighbouring weights, while all of them read
 // the same packed value; in NCHW neighbouring threads (neighbouring columns)
-// share the weight and read neighbouring packed values. A tensor-core kernel
-// is planned; it will be dispatched from launch_conv1x1_scatter, the single
-// place that picks the kernel.
+// share the weight and read neighbouring packed values. The tensor-core kernel
+// (tensor_core/conv1x1_scatter_add.cu, behind the switch) is tried first by
+// both ops for channels_last maps.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/relu.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../activation.h"
 #include "../conv1x1_scatter.h"
+#include "../tensor_core_switch.h"
 #include "launch.cuh"
 #include "patch_grid.cuh"
+#include "tensor_core.h"
 
 namespace laudnet_ops {
 namespace {
@@ -131,8 +134,6 @@ void launch_simt(const Launch& l, const Conv1x1ScatterGeometry& g) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The one place that picks the kernel. The tensor-core kernel, when it lands, is dispatched here
-// (for the dtypes and layouts it supports) before falling back to the SIMT kernels.
 void launch_conv1x1_scatter(const Launch& l, const Conv1x1ScatterGeometry& g, Activation act) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, l.out.scalar_type(), "conv1x1_scatter_add_cuda", [&] {
     with_activation(act, [&](auto A) { launch_simt<scalar_t, decltype(A)::value>(l, g); });
@@ -158,6 +159,16 @@ at::Tensor conv1x1_scatter_add_cuda(const at::Tensor& residual, const at::Tensor
   l.total = l.out.numel();
   if (l.total == 0) return l.out;
   l.pk = packed.contiguous(layout);
+  // Tensor cores (switch on, eligible call): their epilogue updates the covered positions of a map
+  // that holds the residual, so out starts as a copy of it and the activation of the uncovered
+  // positions follows (ReLU is idempotent on the covered ones).
+  if (layout == at::MemoryFormat::ChannelsLast && tensor_cores_enabled()) {
+    at::Tensor out = l.res.clone(at::MemoryFormat::ChannelsLast);
+    if (tensor_core_conv1x1_scatter_add(out, l.pk, indices, weight, bias, act)) {
+      if (act == Activation::kRelu) out.relu_();
+      return out;
+    }
+  }
   l.wt = weight.squeeze(3).squeeze(2).t().contiguous();  // (Cin, Cout)
   l.bias = bias_or_undefined(bias);
   l.inplace = false;
@@ -180,6 +191,11 @@ void conv1x1_scatter_add_inplace_cuda(const at::Tensor& residual, const at::Tens
   const at::MemoryFormat layout = feature_layout(residual);
   l.out = residual.is_contiguous(layout) ? residual : residual.contiguous(layout);
   l.pk = packed.contiguous(layout);
+  if (layout == at::MemoryFormat::ChannelsLast &&
+      tensor_core_conv1x1_scatter_add(l.out, l.pk, l.grid_or_idx, weight, bias, act)) {
+    if (!l.out.is_same(residual)) residual.copy_(l.out);
+    return;
+  }
   l.wt = weight.squeeze(3).squeeze(2).t().contiguous();
   l.bias = bias_or_undefined(bias);
   l.inplace = true;
