@@ -20,16 +20,18 @@ import argparse
 import csv
 import math
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import laudnet_ops  # noqa: E402
 from laudnet_ops import _library, reference  # noqa: E402
+
+import _common as C  # noqa: E402
 
 # Dense fp16 tensor-core TFLOP/s (no sparsity) and HBM GB/s from the vendor data sheets.
 PEAKS = (
@@ -56,8 +58,7 @@ def parse_args():
     p.add_argument("--group-size", type=int, default=16, help="channel gate group size")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the fp16 tensor-core peak")
     p.add_argument("--peak-gbs", type=float, default=None, help="override the memory bandwidth peak")
-    p.add_argument("--min-ms", type=float, default=30.0, help="minimum timed milliseconds per repeat")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--min-ms", type=float, default=100.0, help="timed milliseconds per measurement")
     p.add_argument("--no-simt", action="store_true", help="skip the (slow) SIMT kernels")
     p.add_argument("--csv", default=None)
     return p.parse_args()
@@ -76,25 +77,9 @@ def peaks_for(name, args):
     return tflops, gbs
 
 
-def time_ms(fn, min_ms, repeats):
-    """Median over repeats of the mean time of a loop long enough to last min_ms (CUDA events)."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    iters = max(1, min(200, math.ceil(min_ms / max(start.elapsed_time(end), 1e-3))))
-    times = []
-    for _ in range(repeats):
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
+def time_ms(fn, min_ms):
+    """Median milliseconds per call (CUDA events around blocks of calls, the other benchmarks' timer)."""
+    return C.time_ms(fn, min_ms / 1e3, "cuda")
 
 
 def both_paths(fn, args, has_simt=True):
@@ -103,11 +88,11 @@ def both_paths(fn, args, has_simt=True):
     before = _library._tensor_core_calls()
     fn()
     calls = _library._tensor_core_calls() - before
-    tc = time_ms(fn, args.min_ms, args.repeats)
+    tc = time_ms(fn, args.min_ms)
     simt = float("nan")
     if has_simt and not args.no_simt:
         laudnet_ops.set_tensor_cores(False)
-        simt = time_ms(fn, args.min_ms, args.repeats)
+        simt = time_ms(fn, args.min_ms)
         laudnet_ops.set_tensor_cores(True)
     return tc, simt, calls
 
@@ -233,7 +218,7 @@ def main():
         for kernel in args.kernels.split(","):
             case = CASES[kernel](args.batch, side, width, args, dtype, gen)
             tc, simt, calls = both_paths(case["op"], args, case.get("has_simt", True))
-            base = time_ms(case["baseline"], args.min_ms, args.repeats)
+            base = time_ms(case["baseline"], args.min_ms)
             t_compute = 2 * case["macs"] / (tflops * 1e12) * 1e3
             t_memory = case["bytes"] / (gbs * 1e9) * 1e3
             roof = max(t_compute, t_memory)

@@ -81,7 +81,7 @@ else
   note "memcheck   skipped: compute-sanitizer not found"
 fi
 
-step bench-tc 60 $PY benchmarks/bench_tensor_cores.py --batch 128 --min-ms 20 --repeats 3 \
+step bench-tc 60 $PY benchmarks/bench_tensor_cores.py --batch 128 --min-ms 60 \
   --csv "$OUTDIR/bench_tensor_cores.csv"
 step bench 60 $PY benchmarks/bench_block.py --gpu h100 --batch 128 --dtype fp16 --rates 0.5 --quiet \
   --min-run-time 0.05 --csv "$OUTDIR/bench_block.csv"

@@ -403,55 +403,41 @@ class ChannelConv {
     }
   }
 
-  // col[t, (ky, kx, i)]: per output pixel, the active channel runs of every tap.
+  // col[t, (ky, kx, i)]: per output pixel, the active channels of every tap. Gate groups of 4k
+  // channels move as 4-channel units with fixed-size copies the compiler inlines; a call per run of
+  // 4 channels cost more than the product itself for a 3x3 conv.
   void pack_nhwc(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1) const {
-    const int64_t nin = ws.in.count(grp);
-    const Run* runs = ws.in.runs.data() + ws.in.run_off[grp];
-    const int64_t nruns = ws.in.run_off[grp + 1] - ws.in.run_off[grp];
-    if (nin % 4 == 0 && four_channel_units(ws, grp)) {
-      pack_nhwc_by4(ws, n, grp, t0, t1);
+    if (ws.in.count(grp) % 4 == 0 && unit_starts(ws.in, grp, ws.units)) {
+      const int32_t* units = ws.units.data();
+      const int64_t nunits = static_cast<int64_t>(ws.units.size());
+      pack_taps_nhwc(ws, n, grp, t0, t1, [&](const scalar_t* px, scalar_t* dst) {
+        for (int64_t u = 0; u < nunits; ++u, dst += 4) std::memcpy(dst, px + units[u], 4 * sizeof(scalar_t));
+      });
       return;
     }
-    scalar_t* dst = ws.col.data();
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t oy = t / g_.Wo, ox = t % g_.Wo;
-      for (int64_t ky = 0; ky < g_.KH; ++ky) {
-        const int64_t iy = oy * g_.SH - g_.PH + ky * g_.DH;
-        for (int64_t kx = 0; kx < g_.KW; ++kx) {
-          const int64_t ix = ox * g_.SW - g_.PW + kx * g_.DW;
-          if (iy < 0 || iy >= g_.H || ix < 0 || ix >= g_.W) {
-            dst = std::fill_n(dst, nin, scalar_t(0));
-            continue;
-          }
-          const scalar_t* px = x_ + ((n * g_.H + iy) * g_.W + ix) * g_.Cin + grp * g_.cin_g();
-          for (int64_t r = 0; r < nruns; ++r) dst = std::copy(px + runs[r].start, px + runs[r].start + runs[r].len, dst);
-        }
-      }
-    }
+    const Run* runs = ws.in.runs.data() + ws.in.run_off[grp];
+    const int64_t nruns = ws.in.run_off[grp + 1] - ws.in.run_off[grp];
+    pack_taps_nhwc(ws, n, grp, t0, t1, [&](const scalar_t* px, scalar_t* dst) {
+      for (int64_t r = 0; r < nruns; ++r) dst = std::copy(px + runs[r].start, px + runs[r].start + runs[r].len, dst);
+    });
   }
 
-  // Whether the group's active input channels come in runs of 4 starting at multiples of 4 (gate
-  // groups of 4k channels); if so ws.units holds the runs' 4-channel starts.
-  bool four_channel_units(Workspace<scalar_t>& ws, int64_t grp) const { return unit_starts(ws.in, grp, ws.units); }
-
-  // pack_nhwc for 4-channel units: fixed-size moves the compiler inlines, where a call per run
-  // of 4 channels cost more than the product itself for a 3x3 conv.
-  void pack_nhwc_by4(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1) const {
-    const int64_t nin = ws.in.count(grp), nunits = static_cast<int64_t>(ws.units.size());
-    const int32_t* units = ws.units.data();
+  // The tap walk of pack_nhwc; copy_active(px, dst) writes the group's active channels of pixel px.
+  template <typename CopyActive>
+  void pack_taps_nhwc(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1,
+                      const CopyActive& copy_active) const {
+    const int64_t nin = ws.in.count(grp);
     scalar_t* dst = ws.col.data();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t oy = t / g_.Wo, ox = t % g_.Wo;
       for (int64_t ky = 0; ky < g_.KH; ++ky) {
         const int64_t iy = oy * g_.SH - g_.PH + ky * g_.DH;
-        for (int64_t kx = 0; kx < g_.KW; ++kx) {
+        for (int64_t kx = 0; kx < g_.KW; ++kx, dst += nin) {
           const int64_t ix = ox * g_.SW - g_.PW + kx * g_.DW;
-          if (iy < 0 || iy >= g_.H || ix < 0 || ix >= g_.W) {
-            dst = std::fill_n(dst, nin, scalar_t(0));
-            continue;
-          }
-          const scalar_t* px = x_ + ((n * g_.H + iy) * g_.W + ix) * g_.Cin + grp * g_.cin_g();
-          for (int64_t u = 0; u < nunits; ++u, dst += 4) std::memcpy(dst, px + units[u], 4 * sizeof(scalar_t));
+          if (iy < 0 || iy >= g_.H || ix < 0 || ix >= g_.W)
+            std::fill_n(dst, nin, scalar_t(0));
+          else
+            copy_active(x_ + ((n * g_.H + iy) * g_.W + ix) * g_.Cin + grp * g_.cin_g(), dst);
         }
       }
     }

@@ -24,6 +24,7 @@
 #include "../conv1x1_scatter.h"
 #include "../tensor_core_switch.h"
 #include "launch.cuh"
+#include "map_coords.cuh"
 #include "patch_grid.cuh"
 #include "tensor_core.h"
 
@@ -33,35 +34,9 @@ namespace {
 using cuda::blocks_for;
 using cuda::kThreads;
 
-struct Coord {
-  int64_t n, c, y, x;
-};
-
-template <bool kChannelsLast>
-__device__ inline Coord decode(int64_t k, int64_t C, int64_t H, int64_t W) {
-  Coord q;
-  if (kChannelsLast) {
-    q.c = k % C;
-    k /= C;
-    q.x = k % W;
-    k /= W;
-    q.y = k % H;
-    q.n = k / H;
-  } else {
-    q.x = k % W;
-    k /= W;
-    q.y = k % H;
-    k /= H;
-    q.c = k % C;
-    q.n = k / C;
-  }
-  return q;
-}
-
-template <bool kChannelsLast>
-__device__ inline int64_t offset(const Coord& q, int64_t C, int64_t H, int64_t W) {
-  return kChannelsLast ? ((q.n * H + q.y) * W + q.x) * C + q.c : ((q.n * C + q.c) * H + q.y) * W + q.x;
-}
+using cuda::Coord;
+using cuda::decode;
+using cuda::offset;
 
 // conv1x1(packed, weight, bias)[p, c, i, j], accumulated in acc_t.
 template <typename scalar_t, bool kChannelsLast>

@@ -15,6 +15,7 @@
 #include "../activation.h"
 #include "patch_grid.cuh"
 #include "launch.cuh"
+#include "map_coords.cuh"
 
 namespace laudnet_ops {
 namespace {
@@ -22,36 +23,9 @@ namespace {
 using cuda::blocks_for;
 using cuda::kThreads;
 
-struct Coord {
-  int64_t n, c, y, x;
-};
-
-// Coordinates of element k of an (N, C, H, W) tensor stored in the given layout.
-template <bool kChannelsLast>
-__device__ inline Coord decode(int64_t k, int64_t C, int64_t H, int64_t W) {
-  Coord q;
-  if (kChannelsLast) {
-    q.c = k % C;
-    k /= C;
-    q.x = k % W;
-    k /= W;
-    q.y = k % H;
-    q.n = k / H;
-  } else {
-    q.x = k % W;
-    k /= W;
-    q.y = k % H;
-    k /= H;
-    q.c = k % C;
-    q.n = k / C;
-  }
-  return q;
-}
-
-template <bool kChannelsLast>
-__device__ inline int64_t offset(const Coord& q, int64_t C, int64_t H, int64_t W) {
-  return kChannelsLast ? ((q.n * H + q.y) * W + q.x) * C + q.c : ((q.n * C + q.c) * H + q.y) * W + q.x;
-}
+using cuda::Coord;
+using cuda::decode;
+using cuda::offset;
 
 template <typename scalar_t, Activation A, bool kChannelsLast>
 __global__ void scatter_kernel(const scalar_t* __restrict__ res, const scalar_t* __restrict__ pk,
