@@ -53,9 +53,9 @@ constexpr int64_t kChunkRows = 256;
 constexpr int64_t kMinChunkRows = 64;
 constexpr int64_t kChunksPerThread = 4;
 
-// Above this reduction length (k*k*Cin/groups) a 64-row block and a weight panel no
-// longer fit L2 together, and each chunk's product would stream the whole weight
-// again: such convolutions gather larger chunks and run one
+// Above this reduction length (k*k*Cin/groups) a 64-row block and a weight panel
+// no longer fit L2 together, and each chunk's product would stream the whole
+// weight again: such convolutions gather larger chunks and run one
 // multi-threaded BLAS product per chunk, which blocks for the cache itself.
 constexpr int64_t kMaxBlockedK = 2048;
 // Gathered rows per chunk on that path: at most this many bytes.
@@ -214,7 +214,8 @@ template <typename scalar_t, Activation A>
 void gather_conv_wide(const scalar_t* xp, const int32_t* idx, const at::Tensor& wt, const scalar_t* bias,
                       const GatherConvGeometry& g, const at::TensorOptions& opts, bool direct, scalar_t* out_p) {
   const int64_t row_len = g.K * g.K * g.Cin, SS = g.S * g.S;
-  const Chunking ch = make_chunking(g, std::max<int64_t>(kMinChunkRows, kWideChunkBytes / (row_len * sizeof(scalar_t))));
+  const int64_t rows_wanted = kWideChunkBytes / (row_len * static_cast<int64_t>(sizeof(scalar_t)));
+  const Chunking ch = make_chunking(g, std::max<int64_t>(kMinChunkRows, rows_wanted));
   at::Tensor buf = at::empty({ch.max_rows, row_len}, opts);
   at::Tensor scratch = direct ? at::Tensor() : at::empty({ch.max_rows, g.Cout}, opts);
   for (int64_t c = 0; c < ch.chunks; ++c) {

@@ -8,8 +8,8 @@
 //   1. one GEMM y_chunk = x_chunk . W, written into y itself (row_gemm.h),
 //      with bias + activation applied to each block of rows while it is in L1;
 //   2. the masker on the same x_chunk, pooled block by block while it is in
-//      cache -- x is read from memory once. Contiguous: a thin GEMM m_chunk = Wm . x_chunk (M rows), whose
-//      values are summed into their mask cells. Channels_last: x's pixels are
+//      cache -- x is read from memory once. Contiguous: a thin GEMM
+//      m_chunk = Wm . x_chunk (M rows), whose values are summed into their mask cells. Channels_last: x's pixels are
 //      summed into their cells first, then M dot products per cell (pooling
 //      and the 1x1 convolution commute).
 //   3. each cell's sum is divided by its clipped area and the mask bias added
