@@ -63,7 +63,10 @@ def test_bench_block_predicts_and_measures(tmp_path, capsys):
         assert all(r["device"].startswith("cpu") and r["profile"] == "host" and r["batch"] == "1" for r in m)
         assert all(float(r["measured_speedup"]) > 0 for r in m)
         full = [r for r in m if r["mode"] != "dense" and float(r["rate"]) == 1.0]
-        assert all(float(r["realised_keep"]) == pytest.approx(1.0) for r in full)
+        # Rate 1.0 is a keep just below 1 where the masker's own FLOPs count (0.998 for the spatial
+        # masker here), and force_keep draws each unit at random: one of the 49 patches may be dropped.
+        assert all(float(r["keep"]) > 0.99 for r in full)
+        assert all(float(r["realised_keep"]) >= 1 - 2 / 49 for r in full)
     captured = capsys.readouterr()
     assert "speed-up over dense" in captured.out and "layer fused" in captured.out
     assert png.exists() or "matplotlib is not installed" in captured.err
