@@ -150,12 +150,15 @@ def _extension():
     print(f"  sources: {len(sources)} files, MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
 
     cls = CUDAExtension if with_cuda else CppExtension
+    # py_limited_api: module.cpp uses only Python's stable ABI and nothing links libtorch_python,
+    # so the extension is one _C.abi3.so for every later Python on the same torch.
     return cls("laudnet_ops._C", sources, include_dirs=include_dirs, extra_compile_args=extra,
-               extra_link_args=link)
+               extra_link_args=link, py_limited_api=True)
 
 
 setup(
     packages=find_packages(include=["laudnet_ops", "laudnet_ops.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -3,10 +3,14 @@
 # visible GPU, run the CUDA tests with the SIMT kernels and again with the tensor-core switch on,
 # run compute-sanitizer's memcheck over the tensor-core tests, run the tensor-core, block and
 # fusion-ablation benchmarks, and write the summary to benchmarks/results/gpu-<device>-<commit>.md.
-# Fits one 600 s device call: the step caps add up to 540 s (the network benchmark is left out;
-# run benchmarks/bench_network.py on its own).
+# Fits one 600 s device call: the step caps add up to at most 540 s (the network benchmark is left
+# out; run benchmarks/bench_network.py on its own).
 #
-#   bash benchmarks/gpu_check.sh            # logs and CSVs go to $OUT, or benchmarks/out/gpu
+#   bash benchmarks/gpu_check.sh            # results go to $OUT, or benchmarks/out/gpu
+#
+# What comes back: logs.tgz (every log and CSV, repacked after each step, so a cut-off run still
+# returns what it did), the report, and the built extension as _C.so.gz + _C.key. A later call on the
+# same image can skip the build with GPU_CHECK_PREBUILT=<folder holding those two files>.
 #
 # CUTLASS headers (for the tensor-core kernels; without them those are not built and their tests skip):
 # the nvidia-cutlass package when importable, else LAUDNET_OPS_CUTLASS_DIR, else .cutlass/include
@@ -17,32 +21,39 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-OUTDIR="${OUT:-benchmarks/out/gpu}"
-mkdir -p "$OUTDIR"
+RESULTS_DIR="${OUT:-benchmarks/out/gpu}"          # what comes back: logs.tgz, the report, the built .so
+LOGDIR=benchmarks/out/gpu-logs                      # every log and CSV, packed into logs.tgz after each step
+mkdir -p "$RESULTS_DIR" "$LOGDIR"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-summary="$OUTDIR/summary.txt"
+# The commit under test: GPU_CHECK_COMMIT where the copy of the tree has no git history.
+COMMIT="${GPU_CHECK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+summary="$LOGDIR/summary.txt"
 : >"$summary"
 note() { echo "$*" | tee -a "$summary"; }
+pack() { tar czf "$RESULTS_DIR/logs.tgz" -C "$LOGDIR" . 2>/dev/null; }
 
-step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUTDIR/NAME.log, record the outcome
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to $LOGDIR/NAME.log, record the outcome
   local name=$1 limit=$2
   shift 2
   local start=$SECONDS
-  timeout "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
+  timeout "$limit" "$@" >"$LOGDIR/$name.log" 2>&1
   local rc=$?
   local verdict="ok"
   [ $rc -eq 0 ] || verdict="FAILED (rc=$rc)"
   [ $rc -eq 124 ] && verdict="TIMED OUT after ${limit}s"
-  note "$(printf '%-10s %-22s %4ss  %s' "$name" "$verdict" $((SECONDS - start)) "$(tail -n 1 "$OUTDIR/$name.log" | cut -c1-90)")"
+  note "$(printf '%-10s %-22s %4ss  %s' "$name" "$verdict" $((SECONDS - start)) "$(tail -n 1 "$LOGDIR/$name.log" | cut -c1-90)")"
+  pack
   return $rc
 }
 
-note "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with local changes)')"
+git diff --quiet 2>/dev/null; [ $? -eq 1 ] && COMMIT="$COMMIT (with local changes)"
+note "commit:  $COMMIT"
 note "device:  $($PY -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"{p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory >> 30} GiB")' 2>&1)"
 note "torch:   $($PY -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')"
 note "nvcc:    $(nvcc --version 2>/dev/null | tail -n 2 | head -n 1)"
+note "driver:  $(nvidia-smi --query-gpu=driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null)"
 
 if [ -z "${LAUDNET_OPS_CUTLASS_DIR:-}" ] && ! $PY -c 'import cutlass_library' 2>/dev/null \
     && [ -f .cutlass/include/cutlass/cutlass.h ]; then
@@ -50,7 +61,7 @@ if [ -z "${LAUDNET_OPS_CUTLASS_DIR:-}" ] && ! $PY -c 'import cutlass_library' 2>
 fi
 if ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1 && [ -z "${LAUDNET_OPS_CUTLASS_DIR:-}" ]; then
   rm -rf /tmp/cutlass_site && mkdir -p /tmp/cutlass_site
-  (cd /tmp/cutlass_site && unzip -q "$OLDPWD"/.whl/nvidia_cutlass-*.whl)
+  $PY -m zipfile -e .whl/nvidia_cutlass-*.whl /tmp/cutlass_site
   export LAUDNET_OPS_CUTLASS_DIR=/tmp/cutlass_site/cutlass_library/source/include
 fi
 
@@ -59,55 +70,74 @@ note "cutlass: ${LAUDNET_OPS_CUTLASS_DIR:-$($PY -c 'import cutlass_library; prin
 ARCH=$($PY -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"{p.major}.{p.minor}")')
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+# A build made elsewhere for the same torch and GPU (GPU_CHECK_PREBUILT=<folder holding _C.so.gz and
+# _C.key>, e.g. what an earlier call returned) is used when its key -- sources, torch, arch -- matches
+# and it imports; else the extension is built here. The extension is abi3, so Python's version is no part.
+KEY="$(bash benchmarks/build_key.sh "$PY" "$ARCH")"
 rm -rf build laudnet_ops/_C*.so
-if ! step build 160 env LAUDNET_OPS_CUDA=1 $PY setup.py build_ext --inplace; then
-  grep -m 20 -E "error|Error" "$OUTDIR/build.log"
-  cat "$summary"
-  exit 1
+if [ -n "${GPU_CHECK_PREBUILT:-}" ] && [ "$(cat "$GPU_CHECK_PREBUILT/_C.key" 2>/dev/null)" = "$KEY" ] \
+    && gunzip -c "$GPU_CHECK_PREBUILT/_C.so.gz" >laudnet_ops/_C.abi3.so \
+    && $PY -c 'import laudnet_ops, sys; sys.exit(laudnet_ops._library.extension_error)'; then
+  note "build      prebuilt $KEY"
+else
+  rm -f laudnet_ops/_C*.so
+  if ! step build 170 env LAUDNET_OPS_CUDA=1 $PY setup.py build_ext --inplace; then
+    grep -m 20 -E "error|Error" "$LOGDIR/build.log"
+    cat "$summary"
+    exit 1
+  fi
+  gzip -c laudnet_ops/_C*.so >"$RESULTS_DIR/_C.so.gz" && echo "$KEY" >"$RESULTS_DIR/_C.key"
 fi
 
-# One device call may run 600 s: the step caps below add up to 540 s (tests/test_tensor_cores.py checks).
-# The CUDA tests run twice: SIMT kernels (the default), then with the tensor-core switch on.
-FAST_TESTS=(-m cuda -q -p no:cacheprovider -k "not property and not compile")  # inductor/Triton compiles take minutes
-step cuda-tests 100 $PY -m pytest tests -x "${FAST_TESTS[@]}"
-step tc-tests 70 env LAUDNET_OPS_TENSOR_CORES=1 $PY -m pytest tests/test_tensor_cores.py tests/test_gather_conv2d.py \
-  tests/test_masker_conv1x1.py tests/test_channel_gated_conv2d.py --maxfail=20 "${FAST_TESTS[@]}"
+# One device call may run 600 s: the step caps below add up to at most 540 s (tests/test_tensor_cores.py
+# checks). The CUDA tests run twice: SIMT kernels (the default), then with the tensor-core switch on.
+FAST_TESTS=(-m cuda -q -p no:cacheprovider -rfE -k "not property and not compile")  # inductor compiles take minutes
+$PY -c 'import xdist' 2>/dev/null && FAST_TESTS+=(-n 8)
+step cuda-tests 90 $PY -m pytest tests --maxfail=40 "${FAST_TESTS[@]}"
+step tc-tests 60 env LAUDNET_OPS_TENSOR_CORES=1 $PY -m pytest tests/test_tensor_cores.py tests/test_gather_conv2d.py \
+  tests/test_masker_conv1x1.py tests/test_channel_gated_conv2d.py tests/test_conv1x1_scatter_add.py \
+  --maxfail=40 "${FAST_TESTS[@]}"
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  step memcheck 50 env LAUDNET_OPS_TENSOR_CORES=1 compute-sanitizer --tool memcheck --error-exitcode 3 \
+  step memcheck 45 env LAUDNET_OPS_TENSOR_CORES=1 compute-sanitizer --tool memcheck --error-exitcode 3 \
     $PY -m pytest tests/test_tensor_cores.py -m cuda -x -q -p no:cacheprovider \
     -k "float16 and not bfloat16 and (N2_C16 or N2_C32 or N3_C8) and not all_on and not all_off"
 else
   note "memcheck   skipped: compute-sanitizer not found"
 fi
 
-step bench-tc 60 $PY benchmarks/bench_tensor_cores.py --batch 128 --min-ms 60 \
-  --csv "$OUTDIR/bench_tensor_cores.csv"
-step bench 60 $PY benchmarks/bench_block.py --gpu h100 --batch 128 --dtype fp16 --rates 0.5 --quiet \
-  --min-run-time 0.05 --csv "$OUTDIR/bench_block.csv"
-step ablation 40 $PY benchmarks/ablation_fusion.py --gpu h100 --batch 128 --measure cuda --min-run-time 0.05 \
-  --quiet --csv "$OUTDIR/ablation_fusion.csv"
+step bench-tc 45 $PY benchmarks/bench_tensor_cores.py --batch 128 --min-ms 40 \
+  --csv "$LOGDIR/bench_tensor_cores.csv"
+PROFILE=$($PY -c 'import torch; print("h200" if "H200" in torch.cuda.get_device_name() else "h100")')
+step bench 40 $PY benchmarks/bench_block.py --gpu $PROFILE --batch 128 --dtype fp16 --rates 0.5 --quiet \
+  --min-run-time 0.05 --csv "$LOGDIR/bench_block.csv"
+step bench-on 40 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/bench_block.py --gpu $PROFILE --batch 128 --dtype fp16 \
+  --rates 0.5 --quiet --min-run-time 0.05 --csv "$LOGDIR/bench_block_tensor_cores.csv"
+step ablation 30 $PY benchmarks/ablation_fusion.py --gpu $PROFILE --batch 128 --measure cuda --min-run-time 0.05 \
+  --quiet --csv "$LOGDIR/ablation_fusion.csv"
 
 report() {  # the summary and the tables, as markdown
-  echo "# GPU check $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "# GPU check $COMMIT"
   echo
   echo '```'
   cat "$summary"
   echo '```'
-  for part in bench-tc:bench_tensor_cores bench:bench_block ablation:ablation_fusion; do
+  for part in bench-tc:bench_tensor_cores bench:bench_block bench-on:"bench_block, tensor cores on" \
+      ablation:ablation_fusion; do
     echo
     echo "## ${part#*:}"
     echo
     echo '```'
-    sed -n '1,40p' "$OUTDIR/${part%%:*}.log" 2>/dev/null
+    sed -n '1,40p' "$LOGDIR/${part%%:*}.log" 2>/dev/null
     echo '```'
   done
 }
 DEVICE_TAG=$($PY -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-"))' 2>/dev/null || echo unknown)
 mkdir -p benchmarks/results
-RESULT="benchmarks/results/gpu-${DEVICE_TAG}-$(git rev-parse --short HEAD 2>/dev/null || echo unknown).md"
+RESULT="benchmarks/results/gpu-${DEVICE_TAG}-${COMMIT%% *}.md"
 report >"$RESULT"
-cp "$RESULT" "$OUTDIR/" 2>/dev/null
+cp "$RESULT" "$RESULTS_DIR/" 2>/dev/null
+pack
 echo
 cat "$RESULT"
 echo "written: $RESULT"

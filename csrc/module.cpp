@@ -3,6 +3,12 @@
 // (TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL in the other files). Its only
 // Python functions are the tensor-core switch, which is process state rather
 // than an op (laudnet_ops.set_tensor_cores and friends wrap them).
+//
+// Only Python's stable ABI is used, so one build, _C.abi3.so, loads in every later
+// Python; the kernels never touch Python. Recent torch passes Py_LIMITED_API itself.
+#ifndef Py_LIMITED_API
+#define Py_LIMITED_API 0x03090000
+#endif
 #include <Python.h>
 
 #include <c10/util/Exception.h>
