@@ -20,6 +20,7 @@ from torch.utils import benchmark  # noqa: E402
 
 from laudnet_ops import predictor, reference, unfused  # noqa: E402
 from laudnet_ops.nn import DynamicBottleneck, DynamicRegNetYBlock, set_execution, set_force_keep  # noqa: E402
+from laudnet_ops.nn.maskers import Masker  # noqa: E402
 from laudnet_ops.nn import blocks as nn_blocks  # noqa: E402
 from laudnet_ops.predictor.blocks import keep_for_rate  # noqa: E402
 
@@ -298,6 +299,21 @@ def prepare(block: nn.Module, mode: str, keep: float, seed: int = 0) -> nn.Modul
     return block
 
 
+def same_masks_every_call(module: nn.Module, fn):
+    """``fn`` with every forced masker of ``module`` reset to its generator's present state before each call,
+    so each call keeps the same units: one configuration, timed in its steady state. (A fresh draw per call
+    gives each call another kept-sample or kept-patch count: new shapes for cuDNN's plan cache each time.)"""
+    maskers = [m for m in module.modules() if isinstance(m, Masker) and m.force_keep is not None]
+    states = [m._generator.get_state() for m in maskers]
+
+    def call():
+        for masker, state in zip(maskers, states):
+            masker._generator.set_state(state)
+        return fn()
+
+    return call
+
+
 def block_input(spec, batch: int, device: str, dtype, channels_last: bool = True, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, spec.cin, spec.h, spec.w, generator=gen).relu_()
@@ -366,7 +382,7 @@ class Measurer:
         block = prepare(self.block(model, spec, mode, gran), mode, keep).to(memory_format=torch.channels_last)
         x = block_input(spec, batch or self.batch, self.device, self.dtype, True)
         with unfused_ops(unfused):
-            ms = time_ms(lambda: block(x), self.min_run_time, self.device)
+            ms = time_ms(same_masks_every_call(block, lambda: block(x)), self.min_run_time, self.device)
         return ms, realised_keep(block)
 
 

@@ -59,6 +59,10 @@ def parse_args():
     p.add_argument("--peak-tflops", type=float, default=None, help="override the fp16 tensor-core peak")
     p.add_argument("--peak-gbs", type=float, default=None, help="override the memory bandwidth peak")
     p.add_argument("--min-ms", type=float, default=100.0, help="timed milliseconds per measurement")
+    p.add_argument("--kernel-trace", action="store_true",
+                   help="also list the CUDA kernels one tensor-core call launches, with their times (torch.profiler)")
+    p.add_argument("--ncu", action="store_true",
+                   help="no timing: run each tensor-core op twice, for a profiler such as Nsight Compute to attach")
     p.add_argument("--no-simt", action="store_true", help="skip the (slow) SIMT kernels")
     p.add_argument("--csv", default=None)
     return p.parse_args()
@@ -186,6 +190,20 @@ def case_conv1x1_scatter_add(N, side, width, args, dtype, gen):
         macs=rows * width * cout, bytes=size * (rows * width + 2 * rows * cout + cout * width))
 
 
+def kernel_trace(op, calls=3):
+    """The ops and CUDA kernels of ``calls`` tensor-core calls of ``op``, by total GPU time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    laudnet_ops.set_tensor_cores(True)
+    op()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            op()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="device_time_total", row_limit=10, max_name_column_width=60)
+
+
 CASES = {
     "gather_conv2d": case_gather_conv2d,
     "masker_conv1x1": case_masker_conv1x1,
@@ -213,6 +231,17 @@ def main():
     header = (f"{'kernel':<22}{'stage':<8}{'tc ms':>9}{'simt ms':>10}{'baseline':>22}{'base ms':>9}"
               f"{'tc/base':>9}{'roof ms':>9}{'bound':>7}{'roof %':>8}")
     print(header)
+    if args.ncu:
+        laudnet_ops.set_tensor_cores(True)
+        for stage in args.stages.split(","):
+            for kernel in args.kernels.split(","):
+                case = CASES[kernel](args.batch, *STAGES[stage], args, dtype, gen)
+                for _ in range(2):
+                    case["op"]()
+                torch.cuda.synchronize()
+                print(f"ran {kernel} {stage} twice")
+        return
+    traces = []
     for stage in args.stages.split(","):
         side, width = STAGES[stage]
         for kernel in args.kernels.split(","):
@@ -229,9 +258,13 @@ def main():
                        bound="compute" if t_compute >= t_memory else "memory",
                        roofline_fraction=round(roof / tc, 3), tc_calls=calls)
             rows.append(row)
+            if args.kernel_trace:
+                traces.append((f"{kernel} {stage}", kernel_trace(case["op"])))
             print(f"{kernel:<22}{stage:<8}{tc:>9.3f}{simt:>10.3f}{case['baseline_name']:>22}{base:>9.3f}"
                   f"{tc / base:>9.2f}{roof:>9.3f}{row['bound']:>7}{100 * roof / tc:>7.0f}%"
                   + ("" if calls == 1 else "   (WARNING: the tensor-core kernel did not run)"))
+    for title, table in traces:
+        print(f"\nkernels of one tensor-core call: {title}\n{table}")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)

@@ -81,7 +81,7 @@ if [ -n "${GPU_CHECK_PREBUILT:-}" ] && [ "$(cat "$GPU_CHECK_PREBUILT/_C.key" 2>/
   note "build      prebuilt $KEY"
 else
   rm -f laudnet_ops/_C*.so
-  if ! step build 170 env LAUDNET_OPS_CUDA=1 $PY setup.py build_ext --inplace; then
+  if ! step build 140 env LAUDNET_OPS_CUDA=1 $PY setup.py build_ext --inplace; then
     grep -m 20 -E "error|Error" "$LOGDIR/build.log"
     cat "$summary"
     exit 1
@@ -90,31 +90,49 @@ else
 fi
 
 # One device call may run 600 s: the step caps below add up to at most 540 s (tests/test_tensor_cores.py
-# checks). The CUDA tests run twice: SIMT kernels (the default), then with the tensor-core switch on.
+# checks). The CUDA tests run twice: every call on the SIMT kernels, then with the tensor cores on.
 FAST_TESTS=(-m cuda -q -p no:cacheprovider -rfE -k "not property and not compile")  # inductor compiles take minutes
 $PY -c 'import xdist' 2>/dev/null && FAST_TESTS+=(-n 8)
-step cuda-tests 90 $PY -m pytest tests --maxfail=40 "${FAST_TESTS[@]}"
-step tc-tests 60 env LAUDNET_OPS_TENSOR_CORES=1 $PY -m pytest tests/test_tensor_cores.py tests/test_gather_conv2d.py \
+step cuda-tests 70 env LAUDNET_OPS_TENSOR_CORES=0 $PY -m pytest tests --maxfail=40 "${FAST_TESTS[@]}"
+step tc-tests 45 env LAUDNET_OPS_TENSOR_CORES=1 $PY -m pytest tests/test_tensor_cores.py tests/test_gather_conv2d.py \
   tests/test_masker_conv1x1.py tests/test_channel_gated_conv2d.py tests/test_conv1x1_scatter_add.py \
-  --maxfail=40 "${FAST_TESTS[@]}"
+  tests/test_nn_blocks.py --maxfail=40 "${FAST_TESTS[@]}"
 
+# memcheck on the sparse kernels: the tensor-core ones, then the SIMT ones (layouts, borders, empty inputs).
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  step memcheck 45 env LAUDNET_OPS_TENSOR_CORES=1 compute-sanitizer --tool memcheck --error-exitcode 3 \
-    $PY -m pytest tests/test_tensor_cores.py -m cuda -x -q -p no:cacheprovider \
+  step memcheck 35 env LAUDNET_OPS_TENSOR_CORES=1 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    $PY -m pytest tests/test_tensor_cores.py -m cuda -q -p no:cacheprovider \
     -k "float16 and not bfloat16 and (N2_C16 or N2_C32 or N3_C8) and not all_on and not all_off"
+  step memcheck-simt 40 env LAUDNET_OPS_TENSOR_CORES=0 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    $PY -m pytest tests/test_gather_conv2d.py tests/test_scatter_add.py tests/test_layer_skip.py \
+    tests/test_conv1x1_scatter_add.py tests/test_patch_indices.py tests/test_masker_conv1x1.py \
+    tests/test_channel_gated_conv2d.py -m cuda -q -p no:cacheprovider -k "memory_formats or empty_inputs \
+    or border_zeros or inplace_touches or small_map_many_outputs or inactive_outputs or unordered or large_grid"
 else
   note "memcheck   skipped: compute-sanitizer not found"
 fi
 
-step bench-tc 45 $PY benchmarks/bench_tensor_cores.py --batch 128 --min-ms 40 \
+step bench-tc 35 $PY benchmarks/bench_tensor_cores.py --batch 128 --min-ms 40 --kernel-trace \
   --csv "$LOGDIR/bench_tensor_cores.csv"
+# Nsight Compute on the tensor-core GEMMs at stage 2 (each op runs twice; all eight launches profiled).
+if command -v ncu >/dev/null 2>&1; then
+  step ncu 35 ncu --clock-control none -k regex:gather_gemm --launch-count 8 --section SpeedOfLight \
+    --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis $PY benchmarks/bench_tensor_cores.py --ncu --stages stage2
+else
+  note "ncu        skipped: Nsight Compute not found"
+fi
+# Channel skipping at G = 16: the tensor-core kernel needs gate groups of a multiple of 8 channels.
 PROFILE=$($PY -c 'import torch; print("h200" if "H200" in torch.cuda.get_device_name() else "h100")')
-step bench 40 $PY benchmarks/bench_block.py --gpu $PROFILE --batch 128 --dtype fp16 --rates 0.5 --quiet \
-  --min-run-time 0.05 --csv "$LOGDIR/bench_block.csv"
-step bench-on 40 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/bench_block.py --gpu $PROFILE --batch 128 --dtype fp16 \
-  --rates 0.5 --quiet --min-run-time 0.05 --csv "$LOGDIR/bench_block_tensor_cores.csv"
-step ablation 30 $PY benchmarks/ablation_fusion.py --gpu $PROFILE --batch 128 --measure cuda --min-run-time 0.05 \
-  --quiet --csv "$LOGDIR/ablation_fusion.csv"
+BLOCK_ARGS=(--gpu $PROFILE --batch 128 --dtype fp16 --rates 0.5 --quiet --min-run-time 0.05)
+step bench 30 env LAUDNET_OPS_TENSOR_CORES=0 $PY benchmarks/bench_block.py "${BLOCK_ARGS[@]}" \
+  --modes dense,spatial,layer --csv "$LOGDIR/bench_block_simt.csv"
+step bench-on 30 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/bench_block.py "${BLOCK_ARGS[@]}" \
+  --modes dense,spatial,layer --csv "$LOGDIR/bench_block.csv"
+step bench-ch 25 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/bench_block.py "${BLOCK_ARGS[@]}" \
+  --modes dense,channel --granularity 16 --no-unfused --csv "$LOGDIR/bench_block_channel.csv"
+step ablation 25 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/ablation_fusion.py --gpu $PROFILE --batch 128 \
+  --measure cuda --min-run-time 0.05 --quiet --csv "$LOGDIR/ablation_fusion.csv"
 
 report() {  # the summary and the tables, as markdown
   echo "# GPU check $COMMIT"
@@ -122,15 +140,24 @@ report() {  # the summary and the tables, as markdown
   echo '```'
   cat "$summary"
   echo '```'
-  for part in bench-tc:bench_tensor_cores bench:bench_block bench-on:"bench_block, tensor cores on" \
-      ablation:ablation_fusion; do
+  for part in bench-tc:bench_tensor_cores "bench:bench_block, SIMT kernels" "bench-on:bench_block" \
+      "bench-ch:bench_block, channel skipping at G = 16" "ablation:ablation_fusion"; do
     echo
     echo "## ${part#*:}"
     echo
     echo '```'
-    sed -n '1,40p' "$LOGDIR/${part%%:*}.log" 2>/dev/null
+    sed -n '1,80p' "$LOGDIR/${part%%:*}.log" 2>/dev/null
     echo '```'
   done
+  if [ -f "$LOGDIR/ncu.log" ]; then
+    echo
+    echo "## Nsight Compute, tensor-core GEMMs at stage 2 (key lines; the whole report is in logs.tgz)"
+    echo
+    echo '```'
+    grep -E "gather_gemm_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Registers Per|Achieved Occupancy|Theoretical Occupancy|Block Limit (Registers|Shared)|Issued Ipc|Warp Cycles Per Issued" \
+      "$LOGDIR/ncu.log" | sed -E 's/ +/ /g' | cut -c1-150
+    echo '```'
+  fi
 }
 DEVICE_TAG=$($PY -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-"))' 2>/dev/null || echo unknown)
 mkdir -p benchmarks/results

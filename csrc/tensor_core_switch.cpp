@@ -35,7 +35,11 @@ void set_tensor_cores(bool on) {
   enabled_flag().store(on);
 }
 
-void mark_tensor_cores_built() { built_flag().store(true); }
+// Built means on: the kernels passed their GPU validation (see tensor_core.h).
+void mark_tensor_cores_built() {
+  built_flag().store(true);
+  enabled_flag().store(true);
+}
 
 namespace {
 std::atomic<int64_t>& call_counter() {

@@ -12,11 +12,11 @@ namespace laudnet_ops {
 
 // Whether this extension carries the tensor-core kernels (CUDA and CUTLASS at build time).
 bool tensor_cores_built();
-// Whether eligible calls take the tensor-core kernels (default off until validated on a GPU).
+// Whether eligible calls take the tensor-core kernels (default: on where built).
 bool tensor_cores_enabled();
 // Turns the switch; turning it on in a build without the kernels throws, naming why.
 void set_tensor_cores(bool on);
-// Called once by the tensor-core kernels' translation unit at load time.
+// Called once by the tensor-core kernels' translation unit at load time; turns the switch on.
 void mark_tensor_cores_built();
 // Counts the calls that ran on tensor cores, so tests can tell which path a call took.
 void count_tensor_core_call();

@@ -51,8 +51,10 @@ def cuda_kernels_built() -> bool:
 
 
 # ---------------------------------------------------------------- tensor-core switch
-# The tensor-core (CUTLASS/CuTe) CUDA kernels are compiled when the build finds CUDA and the
-# CUTLASS headers, but stay off until switched on: they have not yet been validated on a GPU.
+# The tensor-core (CUTLASS/CuTe) CUDA kernels are compiled when the build finds CUDA and the CUTLASS
+# headers. Validated against the reference on an H200 (benchmarks/results/gpu-*.md), they are on by
+# default where built; LAUDNET_OPS_TENSOR_CORES=0 at import (or set_tensor_cores(False)) keeps every call
+# on the SIMT kernels.
 _TENSOR_CORES_ENV = "LAUDNET_OPS_TENSOR_CORES"
 
 
@@ -77,8 +79,8 @@ def tensor_cores_enabled() -> bool:
 
 
 def set_tensor_cores(enabled: bool) -> None:
-    """Switch the tensor-core kernels on or off for this process (default: off, or on when the
-    environment variable LAUDNET_OPS_TENSOR_CORES=1 was set at import).
+    """Switch the tensor-core kernels on or off for this process (default: on when the build has them,
+    unless the environment variable LAUDNET_OPS_TENSOR_CORES=0 was set at import).
 
     Raises ImportError without the compiled extension, and RuntimeError when turning them on in a
     build without them (a CPU-only build, or a CUDA build made without the CUTLASS headers)."""
@@ -88,20 +90,18 @@ def set_tensor_cores(enabled: bool) -> None:
 
 def _apply_tensor_core_env() -> None:
     value = os.environ.get(_TENSOR_CORES_ENV, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
-        return
-    if value not in ("1", "true", "yes", "on"):
-        warnings.warn(f"laudnet_ops: {_TENSOR_CORES_ENV} must be 1 or 0, got {value!r}; tensor cores stay off")
-        return
-    if extension_error is not None:
-        return  # the op's first use raises the extension error with its fix
-    if not tensor_cores_built():
+    if extension_error is not None or value == "" or value in ("1", "true", "yes", "on") and tensor_cores_built():
+        return  # the default stands (or the op's first use raises the extension error with its fix)
+    if value in ("0", "false", "no", "off"):
+        set_tensor_cores(False)
+    elif value in ("1", "true", "yes", "on"):
         warnings.warn(
             f"laudnet_ops: {_TENSOR_CORES_ENV}=1 but this build has no tensor-core kernels (it needs CUDA and the "
             "CUTLASS headers at build time: pip install --no-deps nvidia-cutlass, then rebuild); using SIMT kernels"
         )
-        return
-    set_tensor_cores(True)
+    else:
+        warnings.warn(f"laudnet_ops: {_TENSOR_CORES_ENV} must be 1 or 0, got {value!r}; using the default "
+                      f"(tensor cores {'on' if tensor_cores_built() else 'not built'})")
 
 
 _apply_tensor_core_env()

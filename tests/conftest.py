@@ -3,6 +3,10 @@
 import pytest
 import torch
 
+# The references must be exact float32: on Ampere and newer GPUs cuDNN and cuBLAS would otherwise round
+# float32 operands to TF32, an error (about 1e-3 on long reductions) above the tests' tolerances.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -46,14 +46,22 @@ def test_built_flag_is_consistent_with_the_build():
 
 
 @needs_extension
-def test_off_by_default():
+def test_on_by_default_where_built():
     out = run_python("import laudnet_ops; print(laudnet_ops.tensor_cores_enabled())", LAUDNET_OPS_TENSOR_CORES="")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(laudnet_ops.tensor_cores_built())
+    assert out.stderr == ""
+
+
+@needs_extension
+def test_environment_switches_them_off_at_import():
+    out = run_python("import laudnet_ops; print(laudnet_ops.tensor_cores_enabled())", LAUDNET_OPS_TENSOR_CORES="0")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 
 
 @needs_extension
-def test_environment_switches_them_on_at_import_when_built():
+def test_environment_asks_for_them_and_warns_when_not_built():
     out = run_python("import laudnet_ops; print(laudnet_ops.tensor_cores_enabled())", LAUDNET_OPS_TENSOR_CORES="1")
     assert out.returncode == 0, out.stderr
     if laudnet_ops.tensor_cores_built():
@@ -64,10 +72,10 @@ def test_environment_switches_them_on_at_import_when_built():
 
 
 @needs_extension
-def test_bad_environment_value_warns_and_stays_off():
+def test_bad_environment_value_warns_and_keeps_the_default():
     out = run_python("import laudnet_ops; print(laudnet_ops.tensor_cores_enabled())", LAUDNET_OPS_TENSOR_CORES="maybe")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == str(laudnet_ops.tensor_cores_built())
     assert "LAUDNET_OPS_TENSOR_CORES must be 1 or 0" in out.stderr
 
 
@@ -125,13 +133,13 @@ def read(path):
         return f.read()
 
 
-def test_tensor_core_sources_are_labelled_as_not_yet_run_on_a_gpu():
+def test_tensor_core_sources_say_where_they_were_run():
     folder = os.path.join(ROOT, "csrc", "cuda", "tensor_core")
     files = sorted(f for f in os.listdir(folder) if f.endswith((".cu", ".cuh")))
     assert files
     for name in files:
         head = read(os.path.join("csrc", "cuda", "tensor_core", name))[:1500]
-        assert "NOT YET RUN ON A GPU" in head, name
+        assert "RUN ON AN NVIDIA H200 (sm_90)" in head and "never run on sm_80" in head, name
 
 
 def test_ci_cuda_flavour_installs_cutlass_without_dependencies_and_cpu_flavour_does_not():
@@ -243,7 +251,7 @@ def test_gather_conv2d_matches_reference(tensor_cores, dtype, shape, keep):
         with Calls() as calls:
             got = laudnet_ops.gather_conv2d(cl(x, dtype), idx, cl(w, dtype), b.to("cuda", dtype), **conv,
                                             activation=activation)
-        assert calls.count == 1
+        assert calls.count == (1 if idx.shape[0] else 0)  # no patch: nothing to launch
         # The reference sees the same rounded inputs, in float32.
         ref = reference.gather_conv2d(cl(x, dtype).float(), idx, cl(w, dtype).float(), b.to("cuda", dtype).float(),
                                       **conv, activation=activation)
@@ -451,7 +459,7 @@ def test_conv1x1_scatter_add_matches_conv_then_scatter(tensor_cores, dtype, shap
     out = residual.clone()
     with Calls() as calls:
         ran = torch.ops.laudnet_ops._tensor_core_conv1x1_scatter_add_(out, packed, idx, w, b, activation)
-    assert ran and calls.count == 1
+    assert ran and calls.count == (1 if P else 0)  # no patch: nothing to launch
     expected = residual.float().contiguous(memory_format=torch.channels_last)
     laudnet_ops.scatter_add_(expected, F.conv2d(packed.float(), w.float(), b.float()), idx, activation)
     # scatter_add_ activates the whole map; the fused epilogue leaves positions without a patch untouched.

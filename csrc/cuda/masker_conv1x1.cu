@@ -1,7 +1,8 @@
 // CUDA kernel of masker_conv1x1.
 //
-// NOT YET RUN ON A GPU: this file has only been compiled (sm_80, sm_90); the
-// CUDA cases of tests/test_masker_conv1x1.py validate it on a GPU machine.
+// Run on an NVIDIA H200 (sm_90): the CUDA cases of tests/test_masker_conv1x1.py
+// pass there (benchmarks/results/gpu-NVIDIA-H200-*.md). Correct but slow -- far
+// slower than cuDNN's dense conv; eligible calls take the tensor-core kernel.
 //
 // One launch over (pixel, channel) for the Cout + M output channels, so x is
 // read in one pass: a thread of channel co < Cout writes y; a thread of a
@@ -99,7 +100,8 @@ std::tuple<at::Tensor, at::Tensor> masker_conv1x1_cuda(const at::Tensor& x, cons
   const at::Tensor mb = mask_bias.has_value() && mask_bias->defined() ? mask_bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty({g.N, g.Cout, g.H, g.W}, opts);
   const auto acc_type = at::toOpMathType(x.scalar_type());
-  at::Tensor sums = at::zeros({g.N, g.M, g.Hq, g.Wq}, opts.dtype(acc_type));
+  // at::zeros drops the memory format of its options: the logits follow x's layout only through empty.
+  at::Tensor sums = at::empty({g.N, g.M, g.Hq, g.Wq}, opts.dtype(acc_type)).zero_();
   const int64_t total = g.N * g.H * g.W * (g.Cout + g.M);
   if (total == 0) return {y, sums.to(x.scalar_type())};
   if (tensor_core_masker_conv1x1(y, sums, src, w, b, wm, mb, g, act)) return {y, sums.to(x.scalar_type())};

@@ -1,8 +1,9 @@
 // Tensor-core channel_gated_conv2d: a grouped GEMM over samples (blockIdx.z = sample), each
 // gathering its own active weight rows (output channels) and columns (input channels).
 //
-// NOT YET RUN ON A GPU: compiled for sm_80 and sm_90 only; off by default (see
-// tensor_core_switch.h); tests/test_tensor_cores.py validates it on a GPU machine.
+// RUN ON AN NVIDIA H200 (sm_90): tests/test_tensor_cores.py passes there against the reference
+// (benchmarks/results/gpu-NVIDIA-H200-*.md); never run on sm_80 hardware. On where built (see
+// tensor_core_switch.h).
 //
 // Per sample n: rows = its Ho*Wo output pixels; columns = its output channels, active ones first
 // (out_list[n, :out_count[n]]), then the inactive ones, which get no loads and no MMA (whole

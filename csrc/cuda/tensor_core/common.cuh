@@ -1,6 +1,6 @@
 // Eligibility tests and small helpers shared by the tensor-core entry points.
 //
-// NOT YET RUN ON A GPU: compiled for sm_80 and sm_90 only.
+// RUN ON AN NVIDIA H200 (sm_90) with the kernels that use it; never run on sm_80 hardware.
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>

@@ -1,8 +1,9 @@
 // Tensor-core gather_conv2d: an implicit GEMM whose A loader gathers each active patch's halo
 // straight from the dense channels_last map.
 //
-// NOT YET RUN ON A GPU: compiled for sm_80 and sm_90 only; off by default (see
-// tensor_core_switch.h); tests/test_tensor_cores.py validates it on a GPU machine.
+// RUN ON AN NVIDIA H200 (sm_90): tests/test_tensor_cores.py passes there against the reference
+// (benchmarks/results/gpu-NVIDIA-H200-*.md); never run on sm_80 hardware. On where built (see
+// tensor_core_switch.h).
 //
 // Rows m = (p, i, j) are the P*S*S positions of packed; k = (kh, kw, c) runs over the taps and
 // input channels, matching the weight permuted to (Cout, K, K, Cin). A vector of 8 channels of

@@ -2,8 +2,8 @@
 //
 //     D[z][m, n] = epilogue(sum_k A[z][m, k] * B[z][n, k])    (fp32 accumulation)
 //
-// NOT YET RUN ON A GPU: compiled for sm_80 and sm_90 only; tests/test_tensor_cores.py and
-// benchmarks/gpu_check.sh validate it on a GPU machine.
+// RUN ON AN NVIDIA H200 (sm_90): correct there (tests/test_tensor_cores.py), but at 4-11% of the
+// roofline (benchmarks/results/gpu-NVIDIA-H200-*.md); never run on sm_80 hardware.
 //
 // Neither A nor B is materialised. A Problem (one per op, see the other files here) maps a row m
 // and a 16-byte k-vector kv (8 half/bf16 values, k = 8 kv .. 8 kv + 7) to a source address or to

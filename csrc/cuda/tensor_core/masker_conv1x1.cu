@@ -1,8 +1,9 @@
 // Tensor-core masker_conv1x1: one GEMM over all N*H*W pixels of the channels_last x with the M
 // masker channels appended to the weight, so x is read once for both outputs.
 //
-// NOT YET RUN ON A GPU: compiled for sm_80 and sm_90 only; off by default (see
-// tensor_core_switch.h); tests/test_tensor_cores.py validates it on a GPU machine.
+// RUN ON AN NVIDIA H200 (sm_90): tests/test_tensor_cores.py passes there against the reference
+// (benchmarks/results/gpu-NVIDIA-H200-*.md); never run on sm_80 hardware. On where built (see
+// tensor_core_switch.h).
 //
 // Epilogue: columns n < Cout get bias and the activation and go to y; masker columns get
 // mask_bias and are pooled to their mask cell: value / (cell's clipped pixel count) is
@@ -112,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> masker_conv1x1_emulated(const at::Tensor& x, 
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   const at::Tensor mb = mask_bias.has_value() && mask_bias->defined() ? mask_bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty({g.N, g.Cout, g.H, g.W}, opts);
-  at::Tensor sums = at::zeros({g.N, g.M, g.Hq, g.Wq}, opts);
+  at::Tensor sums = at::empty({g.N, g.M, g.Hq, g.Wq}, opts).zero_();  // at::zeros would drop the layout
   run_masker<float>(y, sums, src, w, b, mb, g, act,
                     [](const auto& p, int64_t, int64_t, int64_t zs) { emulate_gather_gemm(p, zs); });
   return {y, sums};
