@@ -146,7 +146,7 @@ def _extension():
     if with_cuda:
         print(f"  archs:   {archs}")
         print(f"  CUTLASS: {cutlass or 'not found (pip install --no-deps nvidia-cutlass, or set LAUDNET_OPS_CUTLASS_DIR)'}")
-        print(f"  tensor cores: {'built (off at run time unless LAUDNET_OPS_TENSOR_CORES=1)' if cutlass else 'not built (no CUTLASS)'}")
+        print(f"  tensor cores: {'built (on at run time unless LAUDNET_OPS_TENSOR_CORES=0)' if cutlass else 'not built (no CUTLASS)'}")
     print(f"  sources: {len(sources)} files, MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')}")
 
     cls = CUDAExtension if with_cuda else CppExtension

@@ -170,9 +170,10 @@ class DynamicBlock(nn.Module):
         gates = self.masker.decide(self.masker.logits(x)) > 0
         identity = self._identity(x)
         self._record(x, tuple(identity.shape[2:]), gates)
-        if int(gates.sum()) == x.shape[0]:  # nothing to gather
-            return F.relu_(self._branch(x).add_(identity))
+        # The gather's compaction is the block's one host synchronisation; the kept count comes with it.
         selected, sel = op("sample_gather")(x, gates)
+        if sel.shape[0] == x.shape[0]:  # every sample kept: the plain block, no scatter
+            return F.relu_(self._branch(x).add_(identity))
         y = self._branch(selected)
         scatter = "sample_scatter_add_" if self._in_place_residual() else "sample_scatter_add"
         return op(scatter)(identity, y, sel, "relu")
