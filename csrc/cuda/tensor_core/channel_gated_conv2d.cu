@@ -122,15 +122,11 @@ struct ChannelConvProblem {
   CUTE_HOST_DEVICE KB k_b(int z, int kv) const { return k_a(z, kv); }
   CUTE_HOST_DEVICE const E* b_src(const RowB& r, const KB& k) const { return r.w + k.tap_c; }
 
-  struct RowC {
-    E* y;  // the output pixel's row of y
-  };
-  CUTE_HOST_DEVICE RowC row_c(int z, int64_t m) const { return RowC{y + (z * Ho * Wo + m) * Cout}; }
-  CUTE_HOST_DEVICE void store(int z, const RowC& r, int n, float acc) const {
+  CUTE_HOST_DEVICE void store(int z, int64_t m, int n, float acc) const {
     const int co = out_list[static_cast<int64_t>(z) * Cout + n];
     float v = 0.f;
     if (n < out_count[z]) v = epilogue_activation(acc + (bias != nullptr ? float(bias[co]) : 0.f), relu);
-    r.y[co] = E(v);
+    y[(z * Ho * Wo + m) * Cout + co] = E(v);
   }
 };
 

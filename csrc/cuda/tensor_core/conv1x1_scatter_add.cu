@@ -56,20 +56,13 @@ struct Conv1x1ScatterProblem {
   CUTE_HOST_DEVICE KB k_b(int, int kv) const { return KB{kv * kVec}; }
   CUTE_HOST_DEVICE const E* b_src(const RowB& r, const KB& k) const { return r.x + k.offset; }
 
-  struct RowC {
-    E* out;  // the map position's row of out; null for the part of a border patch outside the map
-  };
-  CUTE_HOST_DEVICE RowC row_c(int, int64_t m) const {
+  CUTE_HOST_DEVICE void store(int, int64_t m, int n, float acc) const {
     const int64_t p = m / (S * S);
     const int r = static_cast<int>(m - p * S * S);
     const int64_t oy = static_cast<int64_t>(idx[3 * p + 1]) * S + r / S;
     const int64_t ox = static_cast<int64_t>(idx[3 * p + 2]) * S + r % S;
-    if (oy >= Ho || ox >= Wo) return RowC{nullptr};
-    return RowC{out + ((idx[3 * p] * Ho + oy) * Wo + ox) * Cout};
-  }
-  CUTE_HOST_DEVICE void store(int, const RowC& r, int n, float acc) const {
-    if (r.out == nullptr) return;
-    E* o = r.out + n;
+    if (oy >= Ho || ox >= Wo) return;  // the part of a border patch outside the map
+    E* o = out + ((idx[3 * p] * Ho + oy) * Wo + ox) * Cout + n;
     *o = E(epilogue_activation(float(*o) + acc + (bias != nullptr ? float(bias[n]) : 0.f), relu));
   }
 };

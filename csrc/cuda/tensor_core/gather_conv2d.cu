@@ -85,19 +85,12 @@ struct GatherConvProblem {
   CUTE_HOST_DEVICE KB k_b(int, int kv) const { return KB{kv * kVec}; }
   CUTE_HOST_DEVICE const E* b_src(const RowB& r, const KB& k) const { return r.w + k.offset; }
 
-  struct RowC {
-    E* out;       // the row of packed
-    bool inside;  // else the row is a border patch's position outside the map: zeros
-  };
-  CUTE_HOST_DEVICE RowC row_c(int, int64_t m) const {
-    int64_t n, oy, ox;
-    position(m, n, oy, ox);
-    return RowC{out + m * Cout, oy < Ho && ox < Wo};
-  }
-  CUTE_HOST_DEVICE void store(int, const RowC& r, int n, float acc) const {
+  CUTE_HOST_DEVICE void store(int, int64_t m, int n, float acc) const {
+    int64_t nn, oy, ox;
+    position(m, nn, oy, ox);
     float v = 0.f;
-    if (r.inside) v = epilogue_activation(acc + (bias != nullptr ? float(bias[n]) : 0.f), relu);
-    r.out[n] = E(v);
+    if (oy < Ho && ox < Wo) v = epilogue_activation(acc + (bias != nullptr ? float(bias[n]) : 0.f), relu);
+    out[m * Cout + n] = E(v);
   }
 };
 

@@ -3,7 +3,12 @@
 //     D[z][m, n] = epilogue(sum_k A[z][m, k] * B[z][n, k])    (fp32 accumulation)
 //
 // RUN ON AN NVIDIA H200 (sm_90): correct there (tests/test_tensor_cores.py), but at 4-11% of the
-// roofline (benchmarks/results/gpu-NVIDIA-H200-*.md); never run on sm_80 hardware.
+// roofline (benchmarks/results/gpu-NVIDIA-H200-*.md); never run on sm_80 hardware. Why it is slow,
+// from Nsight Compute and the SASS: 250 registers a thread hold it at 2 blocks (8 warps) per SM, and
+// the warps are issue-bound, not tensor-bound -- a k-tile's 64 HMMAs come with ~390 instructions of
+// index math and predicates, and the epilogue spends ~110 instructions per accumulator (the store
+// redoes the row's position, with integer divisions, for each of its 128 values; the branch
+// tc-row-epilogue does it once per row but has not run on a GPU yet).
 //
 // Neither A nor B is materialised. A Problem (one per op, see the other files here) maps a row m
 // and a 16-byte k-vector kv (8 half/bf16 values, k = 8 kv .. 8 kv + 7) to a source address or to
@@ -21,8 +26,7 @@
 //   RowA row_a(z, m); KA k_a(z, kv); const Elem* a_src(RowA, KA)     (m < rows(z) guaranteed)
 //   RowB row_b(z, n); KB k_b(z, kv); const Elem* b_src(RowB, KB)     (n < active_cols(z))
 //   const Elem* any_src();               a valid address for zero-filled loads (never read)
-//   RowC row_c(z, m);                    what every store to row m shares (m < rows(z))
-//   void store(z, RowC, n, float acc)    n < cols(z)
+//   void store(z, m, n, float acc)       m < rows(z), n < cols(z)
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -213,31 +217,13 @@ __global__ void __launch_bounds__(kThreads)
     cp_async_wait<0>();
   }
 
-  // Epilogue: the identity tensor gives each accumulator its (m, n) inside the tile. A thread's
-  // accumulators are ((column pair, row pair), MMA_M, MMA_N): a few rows, each with the columns of every
-  // MMA_N tile, so the per-row part of a store (a patch's position, an output row's address) is worked
-  // out once per row by row_c, not once per accumulator -- per accumulator it cost more than the MMAs.
+  // Epilogue: the identity tensor gives each accumulator its (m, n) inside the tile.
   Tensor coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
   CUTE_UNROLL
-  for (int mm = 0; mm < size<1>(acc); ++mm) {
-    CUTE_UNROLL
-    for (int r = 0; r < size<0, 1>(acc); ++r) {
-      const int64_t m = m0 + get<0>(coords(make_coord(make_coord(0, r), mm, 0)));
-      typename Problem::RowC row{};
-      if (m < rows) row = p.row_c(z, m);
-      CUTE_UNROLL
-      for (int nn = 0; nn < size<2>(acc); ++nn) {
-        CUTE_UNROLL
-        for (int c = 0; c < size<0, 0>(acc); ++c) {
-          const auto at = make_coord(make_coord(c, r), mm, nn);
-          const int64_t mi = m0 + get<0>(coords(at));
-          const int n = n0 + get<1>(coords(at));
-          if (mi >= rows || n >= cols) continue;
-          // mi == m whenever the fragment is laid out as above (then this folds away); else recompute.
-          p.store(z, mi == m ? row : p.row_c(z, mi), n, acc(at));
-        }
-      }
-    }
+  for (int i = 0; i < size(acc); ++i) {
+    const int64_t m = m0 + get<0>(coords(i));
+    const int n = n0 + get<1>(coords(i));
+    if (m < rows && n < cols) p.store(z, m, n, acc(i));
   }
 }
 
@@ -270,7 +256,6 @@ void emulate_gather_gemm(const Problem& p, int64_t zs) {
     const int cols = p.cols(z), active = p.active_cols(z), kvecs = p.kvecs(z);
     for (int64_t m = 0; m < rows; ++m) {
       const auto ra = p.row_a(z, m);
-      const auto rc = p.row_c(z, m);
       for (int n = 0; n < cols; ++n) {
         float acc = 0.f;
         if (n < active) {
@@ -282,7 +267,7 @@ void emulate_gather_gemm(const Problem& p, int64_t zs) {
             for (int e = 0; e < kVec; ++e) acc += float(a[e]) * float(b[e]);
           }
         }
-        p.store(z, rc, n, acc);
+        p.store(z, m, n, acc);
       }
     }
   }

@@ -62,29 +62,21 @@ struct MaskerProblem {
   CUTE_HOST_DEVICE KB k_b(int, int kv) const { return KB{kv * kVec}; }
   CUTE_HOST_DEVICE const E* b_src(const RowB& r, const KB& k) const { return r.x + k.offset; }
 
-  struct RowC {
-    E* y;         // the pixel's row of y
-    float* cell;  // its mask cell in the first masker channel's sums
-    float area;   // the cell's clipped pixel count
-  };
-  CUTE_HOST_DEVICE RowC row_c(int, int64_t m) const {
-    const int64_t HW = g.H * g.W;
-    const int64_t img = m / HW, hw = m - img * HW;
-    const int64_t qy = (hw / g.W) / g.window, qx = (hw % g.W) / g.window;
-    return RowC{y + m * g.Cout, &sums[img * sn + qy * sy + qx * sx],
-                static_cast<float>(g.cell_rows(qy) * g.cell_cols(qx))};
-  }
-  CUTE_HOST_DEVICE void store(int, const RowC& r, int n, float acc) const {
+  CUTE_HOST_DEVICE void store(int, int64_t m, int n, float acc) const {
     if (n < g.Cout) {
-      r.y[n] = E(epilogue_activation(acc + (bias != nullptr ? float(bias[n]) : 0.f), relu));
+      y[m * g.Cout + n] = E(epilogue_activation(acc + (bias != nullptr ? float(bias[n]) : 0.f), relu));
       return;
     }
-    const int64_t mc = n - g.Cout;
+    const int64_t mc = n - g.Cout, HW = g.H * g.W;
+    const int64_t img = m / HW, hw = m - img * HW;
+    const int64_t qy = (hw / g.W) / g.window, qx = (hw % g.W) / g.window;
     const float value = acc + (mask_bias != nullptr ? float(mask_bias[mc]) : 0.f);
+    const float area = static_cast<float>(g.cell_rows(qy) * g.cell_cols(qx));
+    float* cell = &sums[img * sn + mc * sm + qy * sy + qx * sx];
 #if defined(__CUDA_ARCH__)
-    gpuAtomicAdd(r.cell + mc * sm, value / r.area);
+    gpuAtomicAdd(cell, value / area);
 #else
-    r.cell[mc * sm] += value / r.area;  // the CPU emulation is serial
+    *cell += value / area;  // the CPU emulation is serial
 #endif
   }
 };
