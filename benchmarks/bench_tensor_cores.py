@@ -194,9 +194,12 @@ def kernel_trace(op, calls=3):
     """The ops and CUDA kernels of ``calls`` tensor-core calls of ``op``, by total GPU time (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
+    import warnings
+
     laudnet_ops.set_tensor_cores(True)
     op()
     torch.cuda.synchronize()
+    warnings.filterwarnings("ignore", message="Warning: Profiler clears events")  # one cycle is all we use
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             op()

@@ -132,7 +132,7 @@ step bench-on 30 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/bench_block.py "$
 step bench-ch 25 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/bench_block.py "${BLOCK_ARGS[@]}" \
   --modes dense,channel --granularity 16 --no-unfused --csv "$LOGDIR/bench_block_channel.csv"
 step ablation 25 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/ablation_fusion.py --gpu $PROFILE --batch 128 \
-  --measure cuda --min-run-time 0.05 --quiet --csv "$LOGDIR/ablation_fusion.csv"
+  --dtype fp16 --measure cuda --min-run-time 0.05 --quiet --csv "$LOGDIR/ablation_fusion.csv"
 
 report() {  # the summary and the tables, as markdown
   echo "# GPU check $COMMIT"
