@@ -10,7 +10,11 @@
 #
 # What comes back: logs.tgz (every log and CSV, repacked after each step, so a cut-off run still
 # returns what it did), the report, and the built extension as _C.so.gz + _C.key. A later call on the
-# same image can skip the build with GPU_CHECK_PREBUILT=<folder holding those two files>.
+# same image can skip the build with GPU_CHECK_PREBUILT=<folder holding those two files>. To build
+# ahead on a machine without a GPU, with the GPU machine's torch version installed there:
+#   TORCH_CUDA_ARCH_LIST=9.0 LAUDNET_OPS_CUDA=1 python setup.py build_ext --inplace
+#   mkdir -p .gpu_build && gzip -c laudnet_ops/_C.abi3.so >.gpu_build/_C.so.gz
+#   bash benchmarks/build_key.sh python 9.0 >.gpu_build/_C.key
 #
 # CUTLASS headers (for the tensor-core kernels; without them those are not built and their tests skip):
 # the nvidia-cutlass package when importable, else LAUDNET_OPS_CUTLASS_DIR, else .cutlass/include
@@ -48,7 +52,8 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $LOGDIR/NAME
   return $rc
 }
 
-git diff --quiet 2>/dev/null; [ $? -eq 1 ] && COMMIT="$COMMIT (with local changes)"
+# (file modes are ignored: a copy of the tree made for another machine may not keep them)
+git -c core.fileMode=false diff --quiet 2>/dev/null; [ $? -eq 1 ] && COMMIT="$COMMIT (with local changes)"
 note "commit:  $COMMIT"
 note "device:  $($PY -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"{p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory >> 30} GiB")' 2>&1)"
 note "torch:   $($PY -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')"
