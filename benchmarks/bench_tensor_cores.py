@@ -21,6 +21,7 @@ import csv
 import math
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -193,8 +194,6 @@ def case_conv1x1_scatter_add(N, side, width, args, dtype, gen):
 def kernel_trace(op, calls=3):
     """The ops and CUDA kernels of ``calls`` tensor-core calls of ``op``, by total GPU time (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
-
-    import warnings
 
     laudnet_ops.set_tensor_cores(True)
     op()

@@ -2,7 +2,7 @@
 //
 //     D[z][m, n] = epilogue(sum_k A[z][m, k] * B[z][n, k])    (fp32 accumulation)
 //
-// RUN ON AN NVIDIA H200 (sm_90): correct there (tests/test_tensor_cores.py), but at 4-11% of the
+// RUN ON AN NVIDIA H200 (sm_90): correct there (tests/test_tensor_cores.py), but at 4-10% of the
 // roofline (benchmarks/results/gpu-NVIDIA-H200-*.md); never run on sm_80 hardware. Why it is slow,
 // from Nsight Compute and the SASS: 250 registers a thread hold it at 2 blocks (8 warps) per SM, and
 // the warps are issue-bound, not tensor-bound -- a k-tile's 64 HMMAs come with ~390 instructions of
