@@ -47,7 +47,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $LOGDIR/NAME
   local verdict="ok"
   [ $rc -eq 0 ] || verdict="FAILED (rc=$rc)"
   [ $rc -eq 124 ] && verdict="TIMED OUT after ${limit}s"
-  note "$(printf '%-10s %-22s %4ss  %s' "$name" "$verdict" $((SECONDS - start)) "$(tail -n 1 "$LOGDIR/$name.log" | cut -c1-90)")"
+  note "$(printf '%-13s %-22s %4ss  %s' "$name" "$verdict" $((SECONDS - start)) "$(tail -n 1 "$LOGDIR/$name.log" | cut -c1-90)")"
   pack
   return $rc
 }
@@ -83,7 +83,7 @@ rm -rf build laudnet_ops/_C*.so
 if [ -n "${GPU_CHECK_PREBUILT:-}" ] && [ "$(cat "$GPU_CHECK_PREBUILT/_C.key" 2>/dev/null)" = "$KEY" ] \
     && gunzip -c "$GPU_CHECK_PREBUILT/_C.so.gz" >laudnet_ops/_C.abi3.so \
     && $PY -c 'import laudnet_ops, sys; sys.exit(laudnet_ops._library.extension_error)'; then
-  note "build      prebuilt $KEY"
+  note "build         prebuilt $KEY"
 else
   rm -f laudnet_ops/_C*.so
   if ! step build 140 env LAUDNET_OPS_CUDA=1 $PY setup.py build_ext --inplace; then
@@ -114,7 +114,7 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
     tests/test_channel_gated_conv2d.py -m cuda -q -p no:cacheprovider -k "memory_formats or empty_inputs \
     or border_zeros or inplace_touches or small_map_many_outputs or inactive_outputs or unordered or large_grid"
 else
-  note "memcheck   skipped: compute-sanitizer not found"
+  note "memcheck      skipped: compute-sanitizer not found"
 fi
 
 step bench-tc 35 $PY benchmarks/bench_tensor_cores.py --batch 128 --min-ms 40 --kernel-trace \
@@ -125,7 +125,7 @@ if command -v ncu >/dev/null 2>&1; then
     --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
     --section MemoryWorkloadAnalysis $PY benchmarks/bench_tensor_cores.py --ncu --stages stage2
 else
-  note "ncu        skipped: Nsight Compute not found"
+  note "ncu           skipped: Nsight Compute not found"
 fi
 # Channel skipping at G = 16: the tensor-core kernel needs gate groups of a multiple of 8 channels.
 PROFILE=$($PY -c 'import torch; print("h200" if "H200" in torch.cuda.get_device_name() else "h100")')
