@@ -80,7 +80,8 @@ inline ConvGeometry check_channel_conv_args(const at::Tensor& x, const at::Tenso
   TORCH_CHECK(g.KH >= 1 && g.KW >= 1, op, ": weight must have a kernel of at least 1x1, got ", weight.sizes());
   TORCH_CHECK(g.Cin % groups == 0 && g.Cout % groups == 0, op, ": groups = ", groups,
               " must divide both Cin = ", g.Cin, " and Cout = ", g.Cout);
-  TORCH_CHECK(weight.size(1) == g.Cin / groups, op, ": weight must have shape (Cout, Cin / groups, KH, KW) with Cin / groups = ",
+  TORCH_CHECK(weight.size(1) == g.Cin / groups, op,
+              ": weight must have shape (Cout, Cin / groups, KH, KW) with Cin / groups = ",
               g.Cin / groups, ", got ", weight.sizes());
   TORCH_CHECK(g.Cin % group_size == 0, op, ": Cin = ", g.Cin, " is not divisible by group_size = ", group_size);
   TORCH_CHECK(g.Cout % group_size == 0, op, ": Cout = ", g.Cout, " is not divisible by group_size = ", group_size);

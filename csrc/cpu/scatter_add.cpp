@@ -20,7 +20,9 @@ namespace {
 
 constexpr int64_t kGrainElements = 32768;
 
-int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, work_per_item)); }
+int64_t grain(int64_t work_per_item) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, work_per_item));
+}
 
 // out[n, c, y, x] = act(residual + packed patch covering (y, x), if any): one pass over out.
 template <typename scalar_t, Activation A>

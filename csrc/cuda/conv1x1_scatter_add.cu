@@ -96,7 +96,8 @@ void launch_simt(const Launch& l, const Conv1x1ScatterGeometry& g) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const scalar_t* bias = l.bias.defined() ? l.bias.data_ptr<scalar_t>() : nullptr;
   if (l.inplace) {
-    auto kernel = l.nhwc ? conv_scatter_inplace_kernel<scalar_t, A, true> : conv_scatter_inplace_kernel<scalar_t, A, false>;
+    auto kernel =
+        l.nhwc ? conv_scatter_inplace_kernel<scalar_t, A, true> : conv_scatter_inplace_kernel<scalar_t, A, false>;
     kernel<<<blocks_for(l.total), kThreads, 0, stream>>>(l.out.data_ptr<scalar_t>(), l.pk.data_ptr<scalar_t>(),
                                                           l.wt.data_ptr<scalar_t>(), bias,
                                                           l.grid_or_idx.data_ptr<int32_t>(), g.out, g.Cin, l.total);
