@@ -101,6 +101,35 @@ def test_masked_and_sparse_agree_on_channels_last_maps(kind, stride, mode, granu
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["bottleneck", "regnet"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("mode,granularity", [("dense", 1), ("spatial", 3), ("spatial", 4), ("channel", 8),
+                                              ("layer", 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_masked_and_sparse_agree_on_cuda(kind, stride, mode, granularity, dtype):
+    # Widths of multiples of 8 and channels_last, so float16 takes the tensor-core kernels where they
+    # apply (groups == 1) and float32 the SIMT ones; the masked path is cuDNN's dense convolutions.
+    needs_sparse_ops(mode)
+    if kind == "bottleneck":
+        block = bottleneck(mode, stride, granularity, inplanes=32, planes=8, force_keep=0.5)
+    else:
+        block = regnet_block(mode, stride, granularity, width_in=32, width_out=32 if stride == 1 else 48,
+                             force_keep=0.5)
+    block = block.eval().to("cuda", dtype).to(memory_format=torch.channels_last)
+    x = F.relu(torch.randn(4, 32, 9, 7)).to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+    set_force_keep(block, 0.5, seed=1)
+    set_execution(block, "masked")
+    expected = block(x).float()
+    set_force_keep(block, 0.5, seed=1)
+    set_execution(block, "sparse")
+    got = block(x.clone(memory_format=torch.channels_last)).float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    else:  # three half-precision convolutions, rounded at different points on the two paths
+        assert (got - expected).abs().max() <= 2e-2 * expected.abs().max().clamp_min(1.0)
+
+
 @pytest.mark.parametrize("kind", ["bottleneck", "regnet"])
 @pytest.mark.parametrize("mode,granularity", MODE_CASES)
 def test_sparse_in_place_residual_when_the_block_owns_its_input(kind, mode, granularity):
