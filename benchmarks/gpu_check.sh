@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared check for a machine with a GPU (no internet needed): build the extension for the
-# visible GPU, run the CUDA tests with the SIMT kernels and again with the tensor-core switch on,
-# run compute-sanitizer's memcheck over the tensor-core tests, run the tensor-core, block and
-# fusion-ablation benchmarks, and write the summary to benchmarks/results/gpu-<device>-<commit>.md.
+# visible GPU (or take a matching prebuilt one), run the CUDA tests with the SIMT kernels and again with
+# the tensor cores on, compute-sanitizer's memcheck over the sparse kernels, the tensor-core benchmark
+# with a kernel trace, Nsight Compute over the tensor-core GEMMs, the block and fusion-ablation
+# benchmarks, and write the summary to benchmarks/results/gpu-<device>-<commit>.md.
 # Fits one 600 s device call: the step caps add up to at most 540 s (the network benchmark is left
 # out; run benchmarks/bench_network.py on its own).
 #
