@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../../conv1x1_scatter.h"
 #include "../patch_grid.cuh"
 #include "../tensor_core.h"
 #include "common.cuh"
@@ -109,36 +110,6 @@ bool tensor_core_conv1x1_scatter_add(at::Tensor& out, const at::Tensor& packed, 
 
 namespace {
 
-// Shapes of the test op and of the emulation: they keep the kernels inside their tensors.
-PatchGeometry check_conv1x1_scatter_shapes(const at::Tensor& out, const at::Tensor& packed, const at::Tensor& indices,
-                                           const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                                           const char* op) {
-  check_dim(out, 4, op, "out");
-  check_dim(packed, 4, op, "packed");
-  check_same_device(out, packed, op, "out", "packed");
-  check_same_device(out, weight, op, "out", "weight");
-  check_same_device(out, indices, op, "out", "indices");
-  check_same_dtype(out, packed, op, "out", "packed");
-  check_same_dtype(out, weight, op, "out", "weight");
-  check_indices_shape(indices, op);
-  TORCH_CHECK(packed.size(2) >= 1 && packed.size(3) == packed.size(2) && packed.size(0) == indices.size(0), op,
-              ": packed must have shape (P, Cin, S, S) with P = indices.size(0) = ", indices.size(0), ", got ",
-              packed.sizes());
-  const PatchGeometry g = make_geometry(out, packed.size(2), indices.size(0));
-  check_dim(weight, 4, op, "weight");
-  TORCH_CHECK(weight.size(0) == out.size(1) && weight.size(1) == packed.size(1) && weight.size(2) == 1 &&
-                  weight.size(3) == 1,
-              op, ": weight must have shape (Cout, Cin, 1, 1) = (", out.size(1), ", ", packed.size(1),
-              ", 1, 1), got ", weight.sizes());
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out.size(1), op, ": bias must have shape (Cout,), got ",
-                bias->sizes());
-    check_same_dtype(out, *bias, op, "out", "bias");
-    check_same_device(out, *bias, op, "out", "bias");
-  }
-  return g;
-}
-
 // Test access to the entry point until the public conv1x1_scatter_add op dispatches to it; the
 // indices are validated on the device.
 bool conv1x1_scatter_add_tc_op(at::Tensor& out, const at::Tensor& packed, const at::Tensor& indices,
@@ -146,7 +117,8 @@ bool conv1x1_scatter_add_tc_op(at::Tensor& out, const at::Tensor& packed, const 
                                c10::string_view activation) {
   const char* op = "_tensor_core_conv1x1_scatter_add_";
   const Activation act = parse_activation(activation, op);
-  const PatchGeometry g = check_conv1x1_scatter_shapes(out, packed, indices, weight, bias, op);
+  // The public op's checks (out is its residual): they keep the kernel inside its tensors.
+  const PatchGeometry g = check_conv1x1_scatter_args(out, packed, indices, weight, bias, op).out;
   const c10::cuda::CUDAGuard guard(out.device());
   cuda::validate_rows(indices.contiguous(), g, /*want_grid=*/false, op);
   return tensor_core_conv1x1_scatter_add(out, packed, indices, weight, bias, act);
@@ -158,7 +130,8 @@ void conv1x1_scatter_add_emulated(at::Tensor& out, const at::Tensor& packed, con
                                   c10::string_view activation) {
   const char* op = "_tensor_core_emulate_conv1x1_scatter_add_";
   const Activation act = parse_activation(activation, op);
-  const PatchGeometry g = check_conv1x1_scatter_shapes(out, packed, indices, weight, bias, op);
+  // The public op's checks (out is its residual): they keep the kernel inside its tensors.
+  const PatchGeometry g = check_conv1x1_scatter_args(out, packed, indices, weight, bias, op).out;
   tc::check_emulation_input(out, op);
   TORCH_CHECK(out.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": out must be channels_last");
   TORCH_CHECK(packed.size(1) % tc::kVec == 0, op, ": Cin must be a multiple of 8, got ", packed.size(1));
