@@ -36,12 +36,14 @@
 
 #include <algorithm>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "../activation.h"
 #include "../conv1x1_scatter.h"
 #include "patch_grid.h"
 #include "row_gemm.h"
+#include "vec_loops.h"
 
 namespace laudnet_ops {
 namespace {
@@ -149,7 +151,9 @@ using acc_of = at::opmath_type<scalar_t>;
 template <typename scalar_t, Activation A>
 inline void add_pixel(const scalar_t* v, const scalar_t* bias, const scalar_t* res, scalar_t* dst, int64_t C) {
   using acc_t = acc_of<scalar_t>;
-  if (bias != nullptr) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    cpu::residual_bias_act_floats(dst, res, v, bias, C, A == Activation::kRelu);
+  } else if (bias != nullptr) {
     for (int64_t c = 0; c < C; ++c) dst[c] = activate<A>(acc_t(res[c]) + acc_t(v[c]) + acc_t(bias[c]));
   } else {
     for (int64_t c = 0; c < C; ++c) dst[c] = activate<A>(acc_t(res[c]) + acc_t(v[c]));

@@ -37,11 +37,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../activation.h"
 #include "../spatial_conv.h"
 #include "patch_grid.h"
 #include "row_gemm.h"
+#include "vec_loops.h"
 
 namespace laudnet_ops {
 namespace {
@@ -137,6 +139,8 @@ void epilogue_nhwc(scalar_t* out, const scalar_t* bias, const int32_t* idx, int6
         scalar_t* px = out + ((p * S + i) * S + j) * C;
         if (oy0 + i >= g.Ho || ox0 + j >= g.Wo) {
           std::fill(px, px + C, scalar_t(0));
+        } else if constexpr (std::is_same_v<scalar_t, float>) {
+          cpu::bias_act_floats(px, bias, C, A == Activation::kRelu);
         } else if (bias != nullptr) {
           for (int64_t c = 0; c < C; ++c) px[c] = activate<A>(acc_t(px[c]) + acc_t(bias[c]));
         } else if (A != Activation::kNone) {

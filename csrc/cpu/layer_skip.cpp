@@ -9,10 +9,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../activation.h"
 #include "../sample_rows.h"
+#include "vec_loops.h"
 
 namespace laudnet_ops {
 namespace {
@@ -64,6 +66,17 @@ void copy_rows(const scalar_t* src, scalar_t* dst, const int32_t* rows, int64_t 
   });
 }
 
+// out[i] = act(res[i] + y[i]); out may be res.
+template <typename scalar_t, Activation A>
+void add_act(scalar_t* out, const scalar_t* res, const scalar_t* y, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    cpu::residual_bias_act_floats(out, res, y, nullptr, n, A == Activation::kRelu);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = activate<A>(acc_t(res[i]) + acc_t(y[i]));
+  }
+}
+
 template <typename scalar_t, Activation A>
 void scatter_rows(const scalar_t* res, const scalar_t* y, scalar_t* out, const int32_t* slot, int64_t N, int64_t R) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -74,8 +87,7 @@ void scatter_rows(const scalar_t* res, const scalar_t* y, scalar_t* out, const i
       if (slot[n] < 0) {
         for (int64_t i = first; i < last; ++i) o[i] = activate<A>(acc_t(r[i]));
       } else {
-        const scalar_t* yk = y + slot[n] * R;
-        for (int64_t i = first; i < last; ++i) o[i] = activate<A>(acc_t(r[i]) + acc_t(yk[i]));
+        add_act<scalar_t, A>(o + first, r + first, y + slot[n] * R + first, last - first);
       }
     });
   });
@@ -84,12 +96,10 @@ void scatter_rows(const scalar_t* res, const scalar_t* y, scalar_t* out, const i
 // In place: visits only the selected rows, so the cost follows K, not N.
 template <typename scalar_t, Activation A>
 void scatter_rows_inplace(scalar_t* res, const scalar_t* y, const int32_t* sel, int64_t K, int64_t R) {
-  using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, K * R, kGrain, [&](int64_t begin, int64_t end) {
     for_row_segments(begin, end, R, [&](int64_t k, int64_t first, int64_t last) {
       scalar_t* r = res + sel[k] * R;
-      const scalar_t* yk = y + k * R;
-      for (int64_t i = first; i < last; ++i) r[i] = activate<A>(acc_t(r[i]) + acc_t(yk[i]));
+      add_act<scalar_t, A>(r + first, r + first, y + k * R + first, last - first);
     });
   });
 }

@@ -19,11 +19,19 @@ void add2_floats(float* dst, const float* a, const float* b, int64_t n);
 // v[i] = act(v[i] + bias[i]); bias may be null; relu keeps NaN like torch.relu.
 void bias_act_floats(float* v, const float* bias, int64_t n, bool relu);
 // dst[idx[i]] = act(src[i] + bias[i]) (indices unique): a pixel's active channels into place.
-void scatter_bias_act_floats(float* dst, const float* src, const int32_t* idx, const float* bias, int64_t n,
+// src is scratch: it is overwritten with the activated values.
+void scatter_bias_act_floats(float* dst, float* src, const int32_t* idx, const float* bias, int64_t n,
                              bool relu);
 // The same for runs of 4 consecutive channels: dst[place4[u] + k] = act(src[4u + k] + bias[4u + k]).
-void scatter4_bias_act_floats(float* dst, const float* src, const int32_t* place4, const float* bias,
+void scatter4_bias_act_floats(float* dst, float* src, const int32_t* place4, const float* bias,
                               int64_t units, bool relu);
+// dst[idx[i]] += src[i] (indices unique), and the same for runs of 4: dst[place4[u] + k] += src[4u + k].
+void scatter_add_floats(float* dst, const float* src, const int32_t* idx, int64_t n);
+void scatter4_add_floats(float* dst, const float* src, const int32_t* place4, int64_t units);
+// dst[i] = act(res[i] + v[i] + bias[i]); bias may be null; dst may be res (in place) but no
+// other overlap.
+void residual_bias_act_floats(float* dst, const float* res, const float* v, const float* bias, int64_t n,
+                              bool relu);
 // sum of a[i] * b[i]
 float dot_floats(const float* a, const float* b, int64_t n);
 
