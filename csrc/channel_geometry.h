@@ -3,6 +3,7 @@
 // laudnet_ops/ops/channel_gated_conv2d.py for the fake kernel).
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Optional.h>
 
@@ -103,6 +104,29 @@ inline ConvGeometry check_channel_conv_args(const at::Tensor& x, const at::Tenso
   g.Ho = conv_out_size(g.H, g.KH, g.SH, g.PH, g.DH);
   g.Wo = conv_out_size(g.W, g.KW, g.SW, g.PW, g.DW);
   return g;
+}
+
+// The residual of channel_gated_conv2d_add_: the convolution's output map, updated in place, so it
+// may share no memory with the operands it is computed from.
+inline void check_channel_residual(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
+                                   const ConvGeometry& g, const char* op) {
+  check_dim(residual, 4, op, "residual");
+  TORCH_CHECK(residual.size(0) == g.N && residual.size(1) == g.Cout && residual.size(2) == g.Ho &&
+                  residual.size(3) == g.Wo,
+              op, ": residual must have the output's shape (N, Cout, Ho, Wo) = (", g.N, ", ", g.Cout, ", ", g.Ho,
+              ", ", g.Wo, "), got ", residual.sizes());
+  check_same_dtype(x, residual, op, "x", "residual");
+  check_same_device(x, residual, op, "x", "residual");
+  TORCH_CHECK(at::has_internal_overlap(residual) != at::MemOverlap::Yes, op,
+              ": residual has overlapping elements (an expanded or broadcast view); it is written in place");
+  // Full or partial overlap is detected for contiguous tensors; strided views report "too hard".
+  const auto shares = [&](const at::Tensor& t) {
+    const at::MemOverlapStatus s = at::get_overlap_status(residual, t);
+    return s == at::MemOverlapStatus::Full || s == at::MemOverlapStatus::Partial;
+  };
+  TORCH_CHECK(!shares(x), op, ": residual and x share memory; residual is written in place while x is read");
+  TORCH_CHECK(!shares(weight), op,
+              ": residual and weight share memory; residual is written in place while weight is read");
 }
 
 }  // namespace laudnet_ops

@@ -118,6 +118,18 @@ def channel_gated_conv2d(
     return y
 
 
+def channel_gated_conv2d_add(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias, in_gates,
+                             out_gates, group_size: int, stride=1, padding=0, dilation=1, groups: int = 1,
+                             activation: str = "relu") -> torch.Tensor:
+    """``act(residual + channel_gated_conv2d(..., activation="none"))``: what ``channel_gated_conv2d_add_``
+    writes into ``residual`` (an inactive output channel adds nothing)."""
+    y = channel_gated_conv2d(x, weight, bias, in_gates, out_gates, group_size, stride, padding, dilation, groups,
+                             "none")
+    if tuple(residual.shape) != tuple(y.shape):
+        raise ValueError(f"residual must have the output's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
+    return _activate(residual + y, activation)
+
+
 def sample_gather(x: torch.Tensor, gates: torch.Tensor):
     """``(x[sel], sel)``: ``sel`` int32, the increasing indices of the True entries of bool ``gates`` ``(N,)``."""
     if gates.dtype != torch.bool or tuple(gates.shape) != (x.shape[0],):

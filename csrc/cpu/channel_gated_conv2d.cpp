@@ -150,12 +150,15 @@ struct Workspace {
   std::vector<const scalar_t*> wptr;
 };
 
+// accumulate: y holds a residual on entry and receives act(residual + conv) (the fused residual add of
+// channel_gated_conv2d_add_); an inactive output channel then adds nothing instead of being zeroed.
 template <typename scalar_t, bool kChannelsLast>
 class ChannelConv {
  public:
   ChannelConv(const ConvGeometry& g, const scalar_t* x, const scalar_t* w, const scalar_t* bias,
-              const bool* in_gates, const bool* out_gates, scalar_t* y)
-      : g_(g), x_(x), w_(w), bias_(bias), in_gates_(in_gates), out_gates_(out_gates), y_(y) {
+              const bool* in_gates, const bool* out_gates, scalar_t* y, bool accumulate)
+      : g_(g), x_(x), w_(w), bias_(bias), in_gates_(in_gates), out_gates_(out_gates), y_(y),
+        accumulate_(accumulate) {
     KK_ = g.KH * g.KW;
     HWo_ = g.Ho * g.Wo;
     const int64_t k_dense = std::max<int64_t>(1, g.cin_g() * KK_);
@@ -257,7 +260,10 @@ class ChannelConv {
     const int64_t K = nin * KK_;
     const bool all_out = nout == g_.cout_g();
     if (nout == 0) {
-      zero_group(n, grp, t0, t1);
+      if (accumulate_)
+        activate_group<A>(n, grp, t0, t1);
+      else
+        zero_group(n, grp, t0, t1);
       return;
     }
     // B operand: the packed tile, or the input itself for a pointwise conv reading every channel.
@@ -277,10 +283,11 @@ class ChannelConv {
       tile_rows_nhwc<A>(ws, n, grp, t0, t1, cols, ld_cols, K);
       return;
     }
-    // C operand: straight into y when every output channel of the group is on.
+    // C operand: straight into y when every output channel of the group is on (and y holds no residual).
+    const bool direct = all_out && !accumulate_;
     scalar_t* acc;
     int64_t ld_acc;
-    if (all_out) {
+    if (direct) {
       acc = kChannelsLast ? y_ + (n * HWo_ + t0) * g_.Cout + grp * g_.cout_g()
                           : y_ + (n * g_.Cout + grp * g_.cout_g()) * HWo_ + t0;
       ld_acc = kChannelsLast ? g_.Cout : HWo_;
@@ -290,7 +297,7 @@ class ChannelConv {
       ld_acc = kChannelsLast ? nout : T;
     }
     gemm(ws.wptr[grp], nout, K, cols, ld_cols, T, acc, ld_acc);
-    if (all_out)
+    if (direct)
       epilogue_in_place<A>(grp, acc, ld_acc, T);
     else
       epilogue_scatter<A>(ws, n, grp, t0, t1, acc);
@@ -305,10 +312,10 @@ class ChannelConv {
     const int64_t T = t1 - t0, nout = ws.out.count(grp);
     if (nout == g_.cout_g()) {
       scalar_t* acc = y_ + (n * HWo_ + t0) * g_.Cout + grp * g_.cout_g();
-      cpu::gemm_rowmajor_rows(T, nout, K, cols, ld_cols, ws.wptr[grp], nout, acc, g_.Cout,
-                              [&](int64_t r0, int64_t rows) {
-                                epilogue_in_place<A>(grp, acc + r0 * g_.Cout, g_.Cout, rows);
-                              });
+      cpu::gemm_rowmajor_rows(
+          T, nout, K, cols, ld_cols, ws.wptr[grp], nout, acc, g_.Cout,
+          [&](int64_t r0, int64_t rows) { epilogue_in_place<A>(grp, acc + r0 * g_.Cout, g_.Cout, rows); },
+          /*accumulate=*/accumulate_);
       return;
     }
     ws.acc.resize(cpu::kGemmBlockM * nout);
@@ -330,15 +337,24 @@ class ChannelConv {
       cpu::gemm_rowmajor<scalar_t>(rows, nout, K, cols + r0 * ld_cols, ld_cols, ws.wptr[grp], nout, ws.acc.data(),
                                    nout);
       if constexpr (std::is_same_v<scalar_t, float>) {
+        const bool relu = A == Activation::kRelu;
         for (int64_t r = 0; r < rows; ++r) {
           float* px = y_ + (n * HWo_ + t0 + r0 + r) * g_.Cout + c0;
+          float* a = ws.acc.data() + r * nout;
+          if (accumulate_) {  // px = act(px + acc + bias) on the active channels, act(px) on the others
+            cpu::bias_act_floats(a, ws.bias_sel.data(), nout, /*relu=*/false);
+            if (by4)
+              cpu::scatter4_add_floats(px, a, ws.place.data(), nout / 4);
+            else
+              cpu::scatter_add_floats(px, a, ws.place.data(), nout);
+            if (relu) cpu::bias_act_floats(px, nullptr, g_.cout_g(), relu);
+            continue;
+          }
           std::fill(px, px + g_.cout_g(), 0.f);
           if (by4)
-            cpu::scatter4_bias_act_floats(px, ws.acc.data() + r * nout, ws.place.data(), ws.bias_sel.data(),
-                                          nout / 4, A == Activation::kRelu);
+            cpu::scatter4_bias_act_floats(px, a, ws.place.data(), ws.bias_sel.data(), nout / 4, relu);
           else
-            cpu::scatter_bias_act_floats(px, ws.acc.data() + r * nout, ws.place.data(), ws.bias_sel.data(), nout,
-                                         A == Activation::kRelu);
+            cpu::scatter_bias_act_floats(px, a, ws.place.data(), ws.bias_sel.data(), nout, relu);
         }
       } else {
         epilogue_scatter<A>(ws, n, grp, t0 + r0, t0 + r0 + rows, ws.acc.data());
@@ -462,7 +478,8 @@ class ChannelConv {
     }
   }
 
-  // Some output channels of the group are off: write act(acc + bias) to the active ones, 0 to the rest.
+  // Some output channels of the group are off (or y holds a residual): write act(acc + bias) to the
+  // active ones and 0 to the rest, or with a residual act(y + acc + bias) and act(y).
   template <Activation A>
   void epilogue_scatter(const Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1,
                         const scalar_t* acc) const {
@@ -475,11 +492,13 @@ class ChannelConv {
         const scalar_t* a = acc + t * nout;
         int64_t c = 0;
         for (int64_t r = 0; r < nruns; ++r) {
-          std::fill(px + c, px + runs[r].start, scalar_t(0));
-          for (c = runs[r].start; c < runs[r].start + runs[r].len; ++c, ++a)
-            px[c] = activate<A>(bias_ ? *a + bias_[c0 + c] : *a);
+          off_channels<A>(px + c, px + runs[r].start);
+          for (c = runs[r].start; c < runs[r].start + runs[r].len; ++c, ++a) {
+            const scalar_t v = bias_ ? *a + bias_[c0 + c] : *a;
+            px[c] = activate<A>(accumulate_ ? px[c] + v : v);
+          }
         }
-        std::fill(px + c, px + Cout_g, scalar_t(0));
+        off_channels<A>(px + c, px + Cout_g);
       }
     } else {
       int64_t j = 0;
@@ -488,11 +507,40 @@ class ChannelConv {
         if (j < nout && ws.out.begin(grp)[j] == c) {
           const scalar_t* a = acc + j * T;
           const scalar_t bc = bias_ ? bias_[c0 + c] : scalar_t(0);
-          for (int64_t t = 0; t < T; ++t) row[t] = activate<A>(a[t] + bc);
+          if (accumulate_)
+            for (int64_t t = 0; t < T; ++t) row[t] = activate<A>(row[t] + (a[t] + bc));
+          else
+            for (int64_t t = 0; t < T; ++t) row[t] = activate<A>(a[t] + bc);
           ++j;
         } else {
-          std::fill(row, row + T, scalar_t(0));
+          off_channels<A>(row, row + T);
         }
+      }
+    }
+  }
+
+  // Values of y that no active output channel covers: 0, or act(residual) when y holds a residual.
+  template <Activation A>
+  void off_channels(scalar_t* first, scalar_t* last) const {
+    if (!accumulate_)
+      std::fill(first, last, scalar_t(0));
+    else if (A != Activation::kNone)
+      for (scalar_t* v = first; v < last; ++v) *v = activate<A>(*v);
+  }
+
+  // A group with every output channel off, y holding a residual: act(residual) over the tile.
+  template <Activation A>
+  void activate_group(int64_t n, int64_t grp, int64_t t0, int64_t t1) const {
+    const int64_t Cout_g = g_.cout_g(), c0 = grp * Cout_g;
+    if (kChannelsLast) {
+      for (int64_t t = t0; t < t1; ++t) {
+        scalar_t* px = y_ + (n * HWo_ + t) * g_.Cout + c0;
+        off_channels<A>(px, px + Cout_g);
+      }
+    } else {
+      for (int64_t c = 0; c < Cout_g; ++c) {
+        scalar_t* row = y_ + (n * g_.Cout + c0 + c) * HWo_;
+        off_channels<A>(row + t0, row + t1);
       }
     }
   }
@@ -519,24 +567,16 @@ class ChannelConv {
   const bool* in_gates_;
   const bool* out_gates_;
   scalar_t* y_;
+  bool accumulate_;
   int64_t KK_, HWo_, T_, ntiles_;
 };
 
-at::Tensor channel_gated_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                    const c10::optional<at::Tensor>& bias,
-                                    const c10::optional<at::Tensor>& in_gates,
-                                    const c10::optional<at::Tensor>& out_gates, int64_t group_size,
-                                    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
-                                    int64_t groups, c10::string_view activation) {
-  const char* op = "channel_gated_conv2d";
-  const ConvGeometry g = check_channel_conv_args(x, weight, bias, in_gates, out_gates, group_size, stride, padding,
-                                                 dilation, groups, op);
-  const Activation act = parse_activation(activation, op);
-  const at::MemoryFormat layout = feature_layout(x);
-  const bool nhwc = layout == at::MemoryFormat::ChannelsLast;
-  at::Tensor y = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x.options().memory_format(layout));
-  if (y.numel() == 0) return y;
-  const at::Tensor src = x.contiguous(layout);
+// Runs the convolution into y (laid out like x): y = act(conv), or with accumulate y = act(y + conv).
+void run_channel_conv(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& weight,
+                      const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& in_gates,
+                      const c10::optional<at::Tensor>& out_gates, Activation act, at::Tensor& y, bool accumulate) {
+  const bool nhwc = feature_layout(x) == at::MemoryFormat::ChannelsLast;
+  const at::Tensor src = x.contiguous(feature_layout(x));
   // channels_last packs (ky, kx, ci) and multiplies by [K, Cout_g] per group: arranged once per call.
   const at::Tensor w = nhwc ? weight.permute({0, 2, 3, 1})
                                   .reshape({g.groups, g.cout_g(), g.cin_g() * g.KH * g.KW})
@@ -561,17 +601,54 @@ at::Tensor channel_gated_conv2d_cpu(const at::Tensor& x, const at::Tensor& weigh
     const auto args = std::make_tuple(g, src.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                       b.defined() ? b.data_ptr<scalar_t>() : nullptr,
                                       gin.defined() ? gin.data_ptr<bool>() : nullptr,
-                                      gout.defined() ? gout.data_ptr<bool>() : nullptr, y.data_ptr<scalar_t>());
+                                      gout.defined() ? gout.data_ptr<bool>() : nullptr, y.data_ptr<scalar_t>(),
+                                      accumulate);
     if (nhwc)
       launch(std::make_from_tuple<ChannelConv<scalar_t, true>>(args));
     else
       launch(std::make_from_tuple<ChannelConv<scalar_t, false>>(args));
   });
+}
+
+at::Tensor channel_gated_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                    const c10::optional<at::Tensor>& bias,
+                                    const c10::optional<at::Tensor>& in_gates,
+                                    const c10::optional<at::Tensor>& out_gates, int64_t group_size,
+                                    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                    int64_t groups, c10::string_view activation) {
+  const char* op = "channel_gated_conv2d";
+  const ConvGeometry g = check_channel_conv_args(x, weight, bias, in_gates, out_gates, group_size, stride, padding,
+                                                 dilation, groups, op);
+  const Activation act = parse_activation(activation, op);
+  at::Tensor y = at::empty({g.N, g.Cout, g.Ho, g.Wo}, x.options().memory_format(feature_layout(x)));
+  if (y.numel() == 0) return y;
+  run_channel_conv(g, x, weight, bias, in_gates, out_gates, act, y, /*accumulate=*/false);
   return y;
+}
+
+void channel_gated_conv2d_add_cpu(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
+                                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& in_gates,
+                                  const c10::optional<at::Tensor>& out_gates, int64_t group_size,
+                                  c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                  int64_t groups, c10::string_view activation) {
+  const char* op = "channel_gated_conv2d_add_";
+  const ConvGeometry g = check_channel_conv_args(x, weight, bias, in_gates, out_gates, group_size, stride, padding,
+                                                 dilation, groups, op);
+  check_channel_residual(residual, x, weight, g, op);
+  const Activation act = parse_activation(activation, op);
+  if (residual.numel() == 0) return;
+  // The kernel walks the residual in x's layout; other strides get a working copy, written back once.
+  const at::MemoryFormat layout = feature_layout(x);
+  at::Tensor work = residual.is_contiguous(layout) ? residual : residual.contiguous(layout);
+  run_channel_conv(g, x, weight, bias, in_gates, out_gates, act, work, /*accumulate=*/true);
+  if (!work.is_same(residual)) residual.copy_(work);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(laudnet_ops, CPU, m) { m.impl("channel_gated_conv2d", &channel_gated_conv2d_cpu); }
+TORCH_LIBRARY_IMPL(laudnet_ops, CPU, m) {
+  m.impl("channel_gated_conv2d", &channel_gated_conv2d_cpu);
+  m.impl("channel_gated_conv2d_add_", &channel_gated_conv2d_add_cpu);
+}
 
 }  // namespace laudnet_ops

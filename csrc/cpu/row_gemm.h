@@ -33,9 +33,10 @@ namespace cpu {
 constexpr int64_t kGemmBlockM = 64;
 constexpr int64_t kGemmBlockN = 64;
 
+// accumulate: C += A . B instead of C = A . B.
 template <typename scalar_t>
 void gemm_rowmajor(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t ld_a, const scalar_t* B,
-                   int64_t ld_b, scalar_t* C, int64_t ld_c) {
+                   int64_t ld_b, scalar_t* C, int64_t ld_c, bool accumulate = false) {
   if (M == 0 || N == 0) return;
 #if LAUDNET_OPS_HAVE_BRGEMM
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -43,7 +44,7 @@ void gemm_rowmajor(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t l
       for (int64_t m0 = 0; m0 < M; m0 += kGemmBlockM) {
         for (int64_t n0 = 0; n0 < N; n0 += kGemmBlockN) {
           at::native::cpublas::brgemm(std::min(kGemmBlockM, M - m0), std::min(kGemmBlockN, N - n0), K, ld_a, ld_b,
-                                      ld_c, /*add_C=*/false, A + m0 * ld_a, B + n0, C + m0 * ld_c + n0,
+                                      ld_c, /*add_C=*/accumulate, A + m0 * ld_a, B + n0, C + m0 * ld_c + n0,
                                       /*is_vnni=*/false);
         }
       }
@@ -55,7 +56,10 @@ void gemm_rowmajor(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t l
   const at::Tensor a = at::from_blob(const_cast<scalar_t*>(A), {M, K}, {ld_a, 1}, opts);
   const at::Tensor b = at::from_blob(const_cast<scalar_t*>(B), {K, N}, {ld_b, 1}, opts);
   at::Tensor c = at::from_blob(C, {M, N}, {ld_c, 1}, opts);
-  at::mm_out(c, a, b);
+  if (accumulate)
+    c.addmm_(a, b);
+  else
+    at::mm_out(c, a, b);
 }
 
 // Whether products of this type are computed block by block of kGemmBlockM
@@ -66,15 +70,15 @@ constexpr bool kGemmRowBlocks = LAUDNET_OPS_HAVE_BRGEMM && std::is_same_v<scalar
 
 // The same product, handing each block of at most kGemmBlockM finished rows of C
 // to epilogue(row0, rows) while they are still in L1: bias, activation or a
-// scatter then cost no second pass over C from memory.
+// scatter then cost no second pass over C from memory. accumulate as in gemm_rowmajor.
 template <typename scalar_t, typename Epilogue>
 void gemm_rowmajor_rows(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t ld_a, const scalar_t* B,
-                        int64_t ld_b, scalar_t* C, int64_t ld_c, const Epilogue& epilogue) {
+                        int64_t ld_b, scalar_t* C, int64_t ld_c, const Epilogue& epilogue, bool accumulate = false) {
   constexpr bool kBlockwise = kGemmRowBlocks<scalar_t>;
-  if (!kBlockwise) gemm_rowmajor(M, N, K, A, ld_a, B, ld_b, C, ld_c);
+  if (!kBlockwise) gemm_rowmajor(M, N, K, A, ld_a, B, ld_b, C, ld_c, accumulate);
   for (int64_t m0 = 0; m0 < M; m0 += kGemmBlockM) {
     const int64_t rows = std::min(kGemmBlockM, M - m0);
-    if (kBlockwise) gemm_rowmajor(rows, N, K, A + m0 * ld_a, ld_a, B, ld_b, C + m0 * ld_c, ld_c);
+    if (kBlockwise) gemm_rowmajor(rows, N, K, A + m0 * ld_a, ld_a, B, ld_b, C + m0 * ld_c, ld_c, accumulate);
     epilogue(m0, rows);
   }
 }

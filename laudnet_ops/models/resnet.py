@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.blocks import DynamicBottleneck
+from ..nn.blocks import DynamicBottleneck, conv_weight_layout
 from ..nn.folding import FoldedWeights
 from ._common import Granularity, init_backbone, stage_granularity
 
@@ -78,7 +78,7 @@ class LaudResNet(nn.Module):
         N = x.shape[0]
         if self._inference_path():
             # Where the blocks run folded, so does the stem: one conv instead of conv + batch norm.
-            w, b = self._stem_folded("conv1", self.conv1, self.bn1)
+            w, b = self._stem_folded("conv1", self.conv1, self.bn1, conv_weight_layout(x))
             x = F.relu_(F.conv2d(x, w, b, self.conv1.stride, self.conv1.padding))
         else:
             x = self.relu(self.bn1(self.conv1(x)))

@@ -39,7 +39,7 @@ EXECUTIONS = ("masked", "sparse")
 SPARSE_OPS = {
     "dense": (),
     "spatial": ("masker_conv1x1", "patch_indices", "gather_conv2d", "conv1x1_scatter_add", "conv1x1_scatter_add_"),
-    "channel": ("channel_gated_conv2d",),
+    "channel": ("channel_gated_conv2d", "channel_gated_conv2d_add_"),
     "layer": ("sample_gather", "sample_scatter_add", "sample_scatter_add_"),
 }
 
@@ -157,6 +157,23 @@ class DynamicBlock(nn.Module):
         # The identity is this block's own post-ReLU input only without a projection shortcut.
         return self.owns_activated_input and self._projection() is None
 
+    def _writable_identity(self, x: torch.Tensor) -> torch.Tensor:
+        """The shortcut in a tensor this block may update in place: the projection's fresh output,
+        the block's own input, or else a copy of the input."""
+        identity = self._identity(x)
+        if self._projection() is None and not self.owns_activated_input:
+            identity = identity.clone(memory_format=torch.preserve_format)
+        return identity
+
+    def _gated_residual_add(self, x, h, weight, bias, gates):
+        """``relu(identity + conv(h))``, the channel block's last conv reading the active input groups,
+        fused with the residual add. A sample with every group off skips its branch: its output gates
+        are all off, so it adds nothing (and no host synchronisation decides that)."""
+        G = self.granularity
+        alive = gates.any(1, keepdim=True).expand(-1, weight.shape[0] // G)
+        return op("channel_gated_conv2d_add_")(self._writable_identity(x), h, weight, bias, gates, alive, G,
+                                               activation="relu")
+
     def _residual_add(self, identity, packed, indices, weight, bias):
         """``relu(identity + conv1x1(packed, weight, bias))`` at the patches, the block's last conv fused
         with the scatter (its (P, Cout, S, S) output never reaches memory): in place when this block
@@ -175,8 +192,14 @@ class DynamicBlock(nn.Module):
         if sel.shape[0] == x.shape[0]:  # every sample kept: the plain block, no scatter
             return F.relu_(self._branch(x).add_(identity))
         y = self._branch(selected)
-        scatter = "sample_scatter_add_" if self._in_place_residual() else "sample_scatter_add"
-        return op(scatter)(identity, y, sel, "relu")
+        if self._in_place_residual():
+            return op("sample_scatter_add_")(identity, y, sel, "relu")
+        if self._projection() is not None:
+            # The identity is this block's own projection output: add into it, then one ReLU pass.
+            # Cheaper than the out-of-place op, whose fresh N-sample result costs an allocation
+            # and a first touch of every page.
+            return F.relu_(op("sample_scatter_add_")(identity, y, sel, "none"))
+        return op("sample_scatter_add")(identity, y, sel, "relu")
 
     def _spatial_mask(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Bool patch mask from the fused masker's logits ``(N, 1, Hp, Wp)``."""
@@ -191,6 +214,13 @@ def _weight_layout(x: torch.Tensor) -> Optional[str]:
     it: (ky, kx, Cin, Cout) for a channels_last map, plain contiguous otherwise."""
     cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     return "taps_major" if cl else None
+
+
+def conv_weight_layout(x: torch.Tensor) -> Optional[str]:
+    """The weight layout oneDNN convolves a map of ``x``'s layout with: channels_last weights for a
+    channels_last map, so F.conv2d does not re-lay a 3x3 weight on every call."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return "channels_last" if cl else None
 
 
 def _alive(gates: torch.Tensor) -> torch.Tensor:
@@ -243,7 +273,7 @@ class DynamicBottleneck(DynamicBlock):
 
     def _conv(self, x, name, activation=True):
         conv, bn = getattr(self, f"conv{name}"), getattr(self, f"bn{name}")
-        w, b = self._fold(f"conv{name}", conv, bn)
+        w, b = self._fold(f"conv{name}", conv, bn, conv_weight_layout(x))
         y = F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
         return F.relu_(y) if activation else y
 
@@ -285,11 +315,8 @@ class DynamicBottleneck(DynamicBlock):
         c2 = self.conv2
         y = gated(x, w1, b1, None, gates, G, activation="relu")
         y = gated(y, w2, b2, gates, gates, G, c2.stride[0], c2.padding[0], c2.dilation[0], c2.groups, "relu")
-        y = gated(y, w3, b3, gates, None, G, activation="none")
-        if not bool(gates.any(1).all()):
-            y.mul_(_alive(gates.to(y.dtype)))
         self._record(x, tuple(y.shape[2:]), gates)
-        return F.relu_(y.add_(self._identity(x)))
+        return self._gated_residual_add(x, y, w3, b3, gates)
 
     def _dense_parts(self, in_hw, out_hw) -> dict:
         parts = {"conv1": _conv_macs(self.conv1, in_hw), "conv2": _conv_macs(self.conv2, out_hw),
@@ -378,12 +405,12 @@ class DynamicRegNetYBlock(DynamicBlock):
 
     # -- sparse path -------------------------------------------------------------------------
 
-    def _folded_convs(self):
+    def _folded_convs(self, layout: Optional[str] = None):
         f = self.f
-        return [self._fold(name, getattr(f, name)[0], getattr(f, name)[1]) for name in ("a", "b", "c")]
+        return [self._fold(name, getattr(f, name)[0], getattr(f, name)[1], layout) for name in ("a", "b", "c")]
 
     def _branch(self, x):
-        (wa, ba), (wb, bb), (wc, bc) = self._folded_convs()
+        (wa, ba), (wb, bb), (wc, bc) = self._folded_convs(conv_weight_layout(x))
         b = self.f.b[0]
         h = F.relu_(F.conv2d(x, wa, ba))
         h = F.relu_(F.conv2d(h, wb, bb, b.stride, b.padding, 1, b.groups))
@@ -428,11 +455,8 @@ class DynamicRegNetYBlock(DynamicBlock):
         y = gated(x, wa, ba, None, gates, G, activation="relu")
         y = gated(y, wb, bb, gates, gates, G, b.stride[0], b.padding[0], 1, b.groups, "relu")
         y = y.mul_(self.f.se.scale(y.mean((2, 3), keepdim=True)))
-        y = gated(y, wc, bc, gates, None, G, activation="none")
-        if not bool(gates.any(1).all()):
-            y.mul_(_alive(gates.to(y.dtype)))
         self._record(x, tuple(y.shape[2:]), gates)
-        return F.relu_(y.add_(self._identity(x)))
+        return self._gated_residual_add(x, y, wc, bc, gates)
 
     def _dense_parts(self, in_hw, out_hw) -> dict:
         f = self.f
