@@ -144,3 +144,21 @@ def test_unfused_composites_compute_the_fused_block(mode):
                 n for f, ops in C.FUSION_OPS.items() if f != fusion for n in ops]
             with C.unfused_ops(names):
                 torch.testing.assert_close(run(), fused, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_fused_residual_dense_baseline_computes_the_dense_network(layout):
+    import torch
+
+    import bench_models
+    from laudnet_ops.models import laud_resnet50
+
+    torch.manual_seed(0)
+    model = laud_resnet50(mode="dense").eval()
+    fused = bench_models.fused_residual_dense(model)
+    if fused is None:
+        pytest.skip("this torch build has no oneDNN convolution post-op")
+    x = torch.randn(2, 3, 64, 48).contiguous(memory_format=getattr(torch, "channels_last" if layout != "contiguous"
+                                                                      else "contiguous_format"))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
