@@ -25,6 +25,7 @@ from torch.utils import benchmark
 from laudnet_ops.models import laud_resnet50
 from laudnet_ops.nn import set_execution, set_force_keep, stats
 from laudnet_ops.nn.blocks import conv_weight_layout, missing_sparse_ops
+from laudnet_ops.predictor.timing import steady_allocator
 GRANULARITY = {"dense": None, "spatial": (4, 4, 2, 1), "channel": 4, "layer": None}
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -79,6 +80,7 @@ def main(argv=None):
     parser.add_argument("--csv", help="also write the rows to this CSV file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    steady_allocator()  # steady-state latencies for every variant, whatever ran before
     torch.manual_seed(0)
 
     dense = laud_resnet50(mode="dense").eval()

@@ -33,6 +33,7 @@ from torch.utils.benchmark import Timer
 
 import laudnet_ops
 from laudnet_ops import unfused
+from laudnet_ops.predictor.timing import steady_allocator
 
 CL = torch.channels_last
 
@@ -186,6 +187,7 @@ def main():
                         help="CPU timings: wall time, or (with --threads 1) the thread's CPU time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    steady_allocator()  # steady-state latencies for every variant, whatever ran before
     if args.clock == "thread":
         if args.threads != 1 or args.device != "cpu":
             raise SystemExit("--clock thread needs --threads 1 on the CPU (it times the calling thread only)")
