@@ -16,11 +16,11 @@ TORCH_LIBRARY_FRAGMENT(laudnet_ops, m) {
       "str activation=\"relu\") -> Tensor");
   // residual = act(residual + channel_gated_conv2d(..., activation="none")), in place (inference): an
   // inactive output channel adds nothing. The last conv of a channel-skipping block, fused with its
-  // residual add and ReLU.
+  // residual add and ReLU; means, if given, (N, Cout) receives the updated residual's channel means.
   m.def(
       "channel_gated_conv2d_add_(Tensor(a!) residual, Tensor x, Tensor weight, Tensor? bias, Tensor? in_gates, "
       "Tensor? out_gates, int group_size, int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1, "
-      "str activation=\"relu\") -> ()");
+      "str activation=\"relu\", Tensor(b!)? means=None) -> ()");
 }
 
 namespace laudnet_ops {
@@ -33,11 +33,13 @@ void channel_gated_conv2d_add_unfused(const at::Tensor& residual, const at::Tens
                                       const c10::optional<at::Tensor>& in_gates,
                                       const c10::optional<at::Tensor>& out_gates, int64_t group_size,
                                       c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
-                                      int64_t groups, c10::string_view activation) {
+                                      int64_t groups, c10::string_view activation,
+                                      const c10::optional<at::Tensor>& means) {
   const char* op = "channel_gated_conv2d_add_";
   const ConvGeometry g = check_channel_conv_args(x, weight, bias, in_gates, out_gates, group_size, stride, padding,
                                                  dilation, groups, op);
   check_channel_residual(residual, x, weight, g, op);
+  check_channel_means(means, residual, op);
   const Activation act = parse_activation(activation, op);
   static const auto conv = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("laudnet_ops::channel_gated_conv2d", "")
@@ -49,6 +51,7 @@ void channel_gated_conv2d_add_unfused(const at::Tensor& residual, const at::Tens
                                  "none");
   residual.add_(y);
   if (act == Activation::kRelu) residual.relu_();
+  if (means.has_value()) means->copy_(residual.mean({2, 3}));
 }
 
 }  // namespace

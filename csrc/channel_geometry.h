@@ -129,4 +129,17 @@ inline void check_channel_residual(const at::Tensor& residual, const at::Tensor&
               ": residual and weight share memory; residual is written in place while weight is read");
 }
 
+// The optional channel means channel_gated_conv2d_add_ writes: (N, Cout) of the updated residual.
+inline void check_channel_means(const c10::optional<at::Tensor>& means, const at::Tensor& residual, const char* op) {
+  if (!means.has_value()) return;
+  const at::Tensor& m = *means;
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == residual.size(0) && m.size(1) == residual.size(1), op,
+              ": means must have shape (N, Cout) = (", residual.size(0), ", ", residual.size(1), "), got ", m.sizes());
+  check_same_dtype(residual, m, op, "residual", "means");
+  check_same_device(residual, m, op, "residual", "means");
+  const at::MemOverlapStatus s = at::get_overlap_status(residual, m);
+  TORCH_CHECK(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial, op,
+              ": residual and means share memory; both are written");
+}
+
 }  // namespace laudnet_ops

@@ -5,6 +5,8 @@
 // in either layout.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
+
 #include <vector>
 
 #include "checks.h"
@@ -57,6 +59,20 @@ inline SampleRows check_sample_scatter_args(const at::Tensor& residual, const at
   TORCH_CHECK(y.size(0) == sel.size(0), op, ": y holds ", y.size(0), " samples but sel has ", sel.size(0),
               " entries");
   return {residual.size(0), row_elements(residual), sel.size(0)};
+}
+
+// The channel means that sample_scatter_add_pool_ keeps up to date: (N, C) of a 4-D residual.
+inline void check_pooled(const at::Tensor& residual, const at::Tensor& pooled, const char* op) {
+  TORCH_CHECK(residual.dim() == 4, op, ": residual must be a 4-D (N, C, H, W) map to be pooled, got shape ",
+              residual.sizes());
+  TORCH_CHECK(pooled.dim() == 2 && pooled.size(0) == residual.size(0) && pooled.size(1) == residual.size(1), op,
+              ": pooled must have shape (N, C) = (", residual.size(0), ", ", residual.size(1), "), got ",
+              pooled.sizes());
+  check_same_dtype(residual, pooled, op, "residual", "pooled");
+  check_same_device(residual, pooled, op, "residual", "pooled");
+  const at::MemOverlapStatus shared = at::get_overlap_status(residual, pooled);
+  TORCH_CHECK(shared != at::MemOverlapStatus::Full && shared != at::MemOverlapStatus::Partial, op,
+              ": residual and pooled share memory; both are written");
 }
 
 inline SampleRows check_sample_index_args(const at::Tensor& x, const at::Tensor& sel, const char* op) {

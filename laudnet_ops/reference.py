@@ -151,6 +151,19 @@ def sample_scatter_add(
     return _activate(residual.index_add(0, sel.long(), y), activation)
 
 
+def sample_scatter_add_pool(residual: torch.Tensor, y: torch.Tensor, sel: torch.Tensor, pooled: torch.Tensor,
+                            activation: str = "relu"):
+    """``(out, pooled_out)``: ``out`` as ``sample_scatter_add`` computes it on the selected samples (the
+    others unchanged), ``pooled_out`` = ``pooled`` with rows ``sel`` replaced by ``out[sel]``'s channel
+    means: what ``sample_scatter_add_pool_`` writes in place."""
+    out = residual.clone()
+    rows = sel.long()
+    out[rows] = sample_scatter_add(residual, y, sel, activation)[rows]
+    pooled_out = pooled.clone()
+    pooled_out[rows] = out[rows].mean((2, 3))
+    return out, pooled_out
+
+
 def gather_conv2d(
     x: torch.Tensor,
     indices: torch.Tensor,

@@ -20,15 +20,23 @@ def make_residual(case, G, conv, dtype, layout, seed):
     return to_layout(res, layout)
 
 
-def run_both(case, residual, G, activation="relu", in_place=False, **conv):
-    """(updated residual, reference); ``in_place`` updates ``residual`` itself, else a copy of it."""
+def run_both(case, residual, G, activation="relu", in_place=False, with_means=True, **conv):
+    """(updated residual, reference); ``in_place`` updates ``residual`` itself, else a copy of it. With
+    ``with_means`` the op also returns the channel means, checked here against the reference's."""
     x, w, b, gin, gout = case
     dbl = lambda t: None if t is None else t.double()  # noqa: E731
     want = reference.channel_gated_conv2d_add(residual.double(), x.double(), w.double(), dbl(b), gin, gout, G,
                                               activation=activation, **conv)
     got = residual if in_place else residual.clone(memory_format=torch.preserve_format)
-    out = laudnet_ops.channel_gated_conv2d_add_(got, x, w, b, gin, gout, G, activation=activation, **conv)
+    means = torch.full(residual.shape[:2], float("nan"), dtype=residual.dtype, device=residual.device)
+    out = laudnet_ops.channel_gated_conv2d_add_(got, x, w, b, gin, gout, G, activation=activation,
+                                                means=means if with_means else None, **conv)
     assert out is got
+    if with_means:
+        tol = CONV_TOL[residual.dtype] if residual.dtype != torch.float32 else dict(atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(means, want.mean((2, 3)).to(residual.dtype), **tol)
+    else:
+        assert means.isnan().all()
     return got, want
 
 
@@ -37,14 +45,15 @@ def run_both(case, residual, G, activation="relu", in_place=False, **conv):
 @pytest.mark.parametrize("keeps", KEEPS, ids=[f"{a}-{b}" for a, b in KEEPS])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("activation", ["relu", "none"])
-def test_matches_reference(device, dtype, shape, keeps, layout, activation):
+@pytest.mark.parametrize("with_means", [True, False], ids=["means", "no-means"])
+def test_matches_reference(device, dtype, shape, keeps, layout, activation, with_means):
     N, Cin, Cout, H, W, K, G, conv = shape
     seed = hash((shape[:7], keeps)) % 1000
     case = make_case(N, Cin, Cout, H, W, K, G, *keeps, groups=conv.get("groups", 1), dtype=dtype, device=device,
                      seed=seed)
     case = (to_layout(case[0], layout),) + case[1:]
     residual = make_residual(case, G, conv, dtype, layout, seed + 1)
-    got, want = run_both(case, residual, G, activation, **conv)
+    got, want = run_both(case, residual, G, activation, with_means=with_means, **conv)
     assert got.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
     torch.testing.assert_close(got, want.to(dtype), **CONV_TOL[dtype])
 
@@ -93,7 +102,8 @@ def test_large_map_spans_several_tiles(device):
 def test_empty_batch_is_a_no_op(device):
     x, w, b, gin, gout = make_case(2, 8, 8, 5, 5, 1, 4, 0.5, 0.5, device=device, seed=9)
     residual = torch.empty(0, 8, 5, 5, device=device)
-    laudnet_ops.channel_gated_conv2d_add_(residual, x[:0], w, b, gin[:0], gout[:0], 4)
+    laudnet_ops.channel_gated_conv2d_add_(residual, x[:0], w, b, gin[:0], gout[:0], 4,
+                                          means=torch.empty(0, 8, device=device))
     assert residual.shape == (0, 8, 5, 5)
 
 
@@ -128,12 +138,14 @@ def test_unfused_fallback_matches_reference(shape, layout):
     residual = make_residual(case, G, conv, torch.float32, layout, 22)
     _, want = run_both(case, residual, G, **conv)
     got = residual.clone(memory_format=torch.preserve_format)
+    means = torch.empty(residual.shape[:2])
     pair = lambda v: [v, v]  # noqa: E731
     args = (got, *case, G, pair(conv.get("stride", 1)), pair(conv.get("padding", 0)), pair(conv.get("dilation", 1)),
-            conv.get("groups", 1), "relu")
+            conv.get("groups", 1), "relu", means)
     unfused = torch._C.DispatchKey.CompositeExplicitAutograd
     torch.ops.laudnet_ops.channel_gated_conv2d_add_.default._op_dk(unfused, *args)
     torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(means, want.mean((2, 3)).float(), atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="channel_gated_conv2d_add_: residual must have the output's shape"):
         torch.ops.laudnet_ops.channel_gated_conv2d_add_.default._op_dk(unfused, got[:, :G], *args[1:])
 
@@ -149,6 +161,9 @@ def test_opcheck():
         torch.library.opcheck(op, (residual, x, w, b, gin, gout, 2, [2, 1], [1, 1], [1, 1], 1, "relu"),
                               test_utils=tests)
         torch.library.opcheck(op, (residual, x, w, None, None, gout, 2, [2, 1], [1, 1], [1, 1], 1, "none"),
+                              test_utils=tests)
+        means = torch.empty(2, 4, dtype=torch.float64)
+        torch.library.opcheck(op, (residual, x, w, b, gin, gout, 2, [2, 1], [1, 1], [1, 1], 1, "relu", means),
                               test_utils=tests)
 
 
@@ -183,6 +198,11 @@ ERROR_CASES = [
     ("gate shape", dict(in_gates=lambda a: a["in_gates"][:, :3]),
      r"channel_gated_conv2d_add_: in_gates must have shape \(N, channels / group_size\) = \(2, 4\)"),
     ("activation", dict(activation=lambda a: "gelu"), 'activation must be "relu" or "none", got "gelu"'),
+    ("means shape", dict(means=lambda a: torch.empty(2, 4)), r"means must have shape \(N, Cout\) = \(2, 8\)"),
+    ("means dtype", dict(means=lambda a: torch.empty(2, 8, dtype=torch.float64)),
+     "residual and means must have the same dtype"),
+    ("means is residual", dict(means=lambda a: a["residual"].view(-1)[:16].view(2, 8)),
+     "residual and means share memory"),
 ]
 
 

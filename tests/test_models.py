@@ -161,6 +161,39 @@ def test_sparsity_loss_pulls_to_the_target():
     torch.testing.assert_close(end, (s["flops_ratio"] - 0.5) ** 2)
 
 
+@pytest.mark.parametrize("net", ["resnet", "regnet"])
+@pytest.mark.parametrize("mode", ["layer", "channel"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("decisions", ["learned", "forced"])
+def test_chain_of_pooled_maps_matches_masked(net, mode, layout, decisions):
+    # The sparse network hands each block's output means to the next block's masker and the head;
+    # the masked network pools every block input itself. Both decide the same units.
+    needs_sparse_ops(mode)
+    torch.manual_seed(3)
+    if net == "resnet":
+        model = LaudResNet((2, 3, 2, 2), mode=mode, num_classes=10)
+    else:
+        from laudnet_ops.models.regnet import LaudRegNetY
+        model = LaudRegNetY((2, 3, 2, 2), (16, 32, 48, 64), 8, mode=mode, granularity=4, num_classes=10)
+    randomize_bn(model).eval()
+    for masker in (m for m in model.modules() if hasattr(m, "logits_from_means")):
+        for linear in (m for m in masker.modules() if isinstance(m, nn.Linear)):
+            nn.init.normal_(linear.weight, std=3.0)  # per-sample decisions, about half of them kept
+            nn.init.zeros_(linear.bias)
+    x = _input(seed=4).contiguous(memory_format=getattr(torch, layout if layout != "contiguous" else
+                                                        "contiguous_format"))
+    with torch.no_grad():
+        results, kept = [], []
+        for execution in ("masked", "sparse"):
+            if decisions == "forced":
+                set_force_keep(model, 0.5, seed=5)
+            set_execution(model, execution)
+            results.append(model(x))
+            kept.append([float(b["keep"]) for b in stats(model)["blocks"].values()])
+    assert kept[0] == kept[1] and 0 < sum(kept[1]) < len(kept[1])
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
+
+
 def test_torch_compile_of_a_model_in_eval_runs():
     # Eval runs the sparse path where its ops are built, the masked path otherwise.
     model = LaudResNet((1, 1, 1, 1), mode="spatial", granularity=2, num_classes=10).eval()

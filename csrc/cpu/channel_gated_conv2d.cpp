@@ -25,12 +25,15 @@
 // (sample, tile) items beat one multi-threaded GEMM at a time with parallel
 // packing in between, which needs several synchronisations per tile.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -152,13 +155,17 @@ struct Workspace {
 
 // accumulate: y holds a residual on entry and receives act(residual + conv) (the fused residual add of
 // channel_gated_conv2d_add_); an inactive output channel then adds nothing instead of being zeroed.
+// sums (or null): per work item, Cout channel sums of the item's finished output pixels, added while
+// they are in cache (the channel means channel_gated_conv2d_add_ can return).
 template <typename scalar_t, bool kChannelsLast>
 class ChannelConv {
  public:
+  using acc_t = at::opmath_type<scalar_t>;
+
   ChannelConv(const ConvGeometry& g, const scalar_t* x, const scalar_t* w, const scalar_t* bias,
-              const bool* in_gates, const bool* out_gates, scalar_t* y, bool accumulate)
+              const bool* in_gates, const bool* out_gates, scalar_t* y, bool accumulate, acc_t* sums)
       : g_(g), x_(x), w_(w), bias_(bias), in_gates_(in_gates), out_gates_(out_gates), y_(y),
-        accumulate_(accumulate) {
+        accumulate_(accumulate), sums_(sums) {
     KK_ = g.KH * g.KW;
     HWo_ = g.Ho * g.Wo;
     const int64_t k_dense = std::max<int64_t>(1, g.cin_g() * KK_);
@@ -169,6 +176,8 @@ class ChannelConv {
   }
 
   int64_t items() const { return g_.N * ntiles_; }
+  int64_t tiles_per_sample() const { return ntiles_; }
+  void set_sums(acc_t* sums) { sums_ = sums; }
 
   // Items per parallel chunk: small convolutions run on one thread, where waking
   // the others would cost more than the work.
@@ -186,7 +195,8 @@ class ChannelConv {
       const int64_t n = item / ntiles_, t0 = (item % ntiles_) * T_;
       const int64_t t1 = std::min(HWo_, t0 + T_);
       if (n != ws.n) load_sample(ws, n);
-      for (int64_t grp = 0; grp < g_.groups; ++grp) tile<A>(ws, n, grp, t0, t1);
+      acc_t* sums = sums_ ? sums_ + item * g_.Cout : nullptr;
+      for (int64_t grp = 0; grp < g_.groups; ++grp) tile<A>(ws, n, grp, t0, t1, sums);
     }
     cpu::gemm_release<scalar_t>();
   }
@@ -255,7 +265,7 @@ class ChannelConv {
   }
 
   template <Activation A>
-  void tile(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1) const {
+  void tile(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1, acc_t* sums) const {
     const int64_t T = t1 - t0, nin = ws.in.count(grp), nout = ws.out.count(grp);
     const int64_t K = nin * KK_;
     const bool all_out = nout == g_.cout_g();
@@ -264,6 +274,7 @@ class ChannelConv {
         activate_group<A>(n, grp, t0, t1);
       else
         zero_group(n, grp, t0, t1);
+      if (sums) pool_tile(n, grp, t0, t1, sums);
       return;
     }
     // B operand: the packed tile, or the input itself for a pointwise conv reading every channel.
@@ -280,7 +291,7 @@ class ChannelConv {
       ld_cols = kChannelsLast ? K : T;
     }
     if (kChannelsLast && cpu::kGemmRowBlocks<scalar_t> && K > 0) {
-      tile_rows_nhwc<A>(ws, n, grp, t0, t1, cols, ld_cols, K);
+      tile_rows_nhwc<A>(ws, n, grp, t0, t1, cols, ld_cols, K, sums);
       return;
     }
     // C operand: straight into y when every output channel of the group is on (and y holds no residual).
@@ -301,6 +312,33 @@ class ChannelConv {
       epilogue_in_place<A>(grp, acc, ld_acc, T);
     else
       epilogue_scatter<A>(ws, n, grp, t0, t1, acc);
+    if (sums) pool_tile(n, grp, t0, t1, sums);
+  }
+
+  // sums[c] += the group's finished outputs over pixels [t0, t1) of sample n.
+  void pool_tile(int64_t n, int64_t grp, int64_t t0, int64_t t1, acc_t* sums) const {
+    const int64_t Cout_g = g_.cout_g(), c0 = grp * Cout_g;
+    if (kChannelsLast) {
+      pool_pixels(y_ + (n * HWo_ + t0) * g_.Cout + c0, t1 - t0, Cout_g, sums + c0);
+      return;
+    }
+    for (int64_t c = 0; c < Cout_g; ++c) {
+      const scalar_t* row = y_ + (n * g_.Cout + c0 + c) * HWo_;
+      acc_t s = 0;
+      for (int64_t t = t0; t < t1; ++t) s += acc_t(row[t]);
+      sums[c0 + c] += s;
+    }
+  }
+
+  // sums[c] += px[c] for `pixels` channels_last pixels of `channels` values, g_.Cout apart.
+  void pool_pixels(const scalar_t* px, int64_t pixels, int64_t channels, acc_t* sums) const {
+    for (int64_t p = 0; p < pixels; ++p, px += g_.Cout) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        cpu::add_floats(sums, px, channels);
+      } else {
+        for (int64_t c = 0; c < channels; ++c) sums[c] += acc_t(px[c]);
+      }
+    }
   }
 
   // channels_last with the row-block micro-kernel: each block of output pixels is finished (bias,
@@ -308,13 +346,16 @@ class ChannelConv {
   // is in L1, so a partly gated group costs one small buffer instead of a tile-sized one.
   template <Activation A>
   void tile_rows_nhwc(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1,
-                      const scalar_t* cols, int64_t ld_cols, int64_t K) const {
+                      const scalar_t* cols, int64_t ld_cols, int64_t K, acc_t* sums) const {
     const int64_t T = t1 - t0, nout = ws.out.count(grp);
     if (nout == g_.cout_g()) {
       scalar_t* acc = y_ + (n * HWo_ + t0) * g_.Cout + grp * g_.cout_g();
       cpu::gemm_rowmajor_rows(
           T, nout, K, cols, ld_cols, ws.wptr[grp], nout, acc, g_.Cout,
-          [&](int64_t r0, int64_t rows) { epilogue_in_place<A>(grp, acc + r0 * g_.Cout, g_.Cout, rows); },
+          [&](int64_t r0, int64_t rows) {
+            epilogue_in_place<A>(grp, acc + r0 * g_.Cout, g_.Cout, rows);
+            if (sums) pool_pixels(acc + r0 * g_.Cout, rows, nout, sums + grp * g_.cout_g());
+          },
           /*accumulate=*/accumulate_);
       return;
     }
@@ -359,6 +400,7 @@ class ChannelConv {
       } else {
         epilogue_scatter<A>(ws, n, grp, t0 + r0, t0 + r0 + rows, ws.acc.data());
       }
+      if (sums) pool_pixels(y_ + (n * HWo_ + t0 + r0) * g_.Cout + c0, rows, g_.cout_g(), sums + c0);
     }
   }
 
@@ -568,13 +610,16 @@ class ChannelConv {
   const bool* out_gates_;
   scalar_t* y_;
   bool accumulate_;
+  acc_t* sums_;
   int64_t KK_, HWo_, T_, ntiles_;
 };
 
 // Runs the convolution into y (laid out like x): y = act(conv), or with accumulate y = act(y + conv).
+// means (or undefined): a contiguous (N, Cout) tensor that receives y's channel means.
 void run_channel_conv(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& weight,
                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& in_gates,
-                      const c10::optional<at::Tensor>& out_gates, Activation act, at::Tensor& y, bool accumulate) {
+                      const c10::optional<at::Tensor>& out_gates, Activation act, at::Tensor& y, bool accumulate,
+                      const at::Tensor& means = at::Tensor()) {
   const bool nhwc = feature_layout(x) == at::MemoryFormat::ChannelsLast;
   const at::Tensor src = x.contiguous(feature_layout(x));
   // channels_last packs (ky, kx, ci) and multiplies by [K, Cout_g] per group: arranged once per call.
@@ -587,7 +632,9 @@ void run_channel_conv(const ConvGeometry& g, const at::Tensor& x, const at::Tens
   const at::Tensor gin = in_gates.has_value() ? in_gates->contiguous() : at::Tensor();
   const at::Tensor gout = out_gates.has_value() ? out_gates->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "channel_gated_conv2d_cpu", [&] {
-    const auto launch = [&](auto conv) {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> sums;  // per work item, its pixels' channel sums
+    const auto launch = [&](const auto& conv) {
       // One chunk of work (a small call, or one thread): run it here and let MKL use its threads.
       const bool split = at::get_num_threads() > 1 && conv.items() > conv.grain();
       if (!split) {
@@ -598,15 +645,36 @@ void run_channel_conv(const ConvGeometry& g, const at::Tensor& x, const at::Tens
         with_activation(act, [&](auto A) { conv.template run<decltype(A)::value>(begin, end, true); });
       });
     };
+    const auto write_means = [&](int64_t tiles) {
+      if (!means.defined()) return;
+      scalar_t* m = means.data_ptr<scalar_t>();
+      const acc_t inv = acc_t(1) / acc_t(g.Ho * g.Wo);
+      for (int64_t n = 0; n < g.N; ++n) {
+        for (int64_t c = 0; c < g.Cout; ++c) {
+          acc_t sum = 0;
+          for (int64_t t = 0; t < tiles; ++t) sum += sums[(n * tiles + t) * g.Cout + c];
+          m[n * g.Cout + c] = scalar_t(sum * inv);
+        }
+      }
+    };
     const auto args = std::make_tuple(g, src.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                       b.defined() ? b.data_ptr<scalar_t>() : nullptr,
                                       gin.defined() ? gin.data_ptr<bool>() : nullptr,
                                       gout.defined() ? gout.data_ptr<bool>() : nullptr, y.data_ptr<scalar_t>(),
-                                      accumulate);
+                                      accumulate, static_cast<acc_t*>(nullptr));
+    // The sums buffer is sized by the kernel's own work split, so it is attached once that is known.
+    const auto run_into = [&](auto conv) {
+      if (means.defined()) {
+        sums.assign(static_cast<size_t>(conv.items() * g.Cout), acc_t(0));
+        conv.set_sums(sums.data());
+      }
+      launch(conv);
+      write_means(conv.tiles_per_sample());
+    };
     if (nhwc)
-      launch(std::make_from_tuple<ChannelConv<scalar_t, true>>(args));
+      run_into(std::make_from_tuple<ChannelConv<scalar_t, true>>(args));
     else
-      launch(std::make_from_tuple<ChannelConv<scalar_t, false>>(args));
+      run_into(std::make_from_tuple<ChannelConv<scalar_t, false>>(args));
   });
 }
 
@@ -630,18 +698,25 @@ void channel_gated_conv2d_add_cpu(const at::Tensor& residual, const at::Tensor& 
                                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& in_gates,
                                   const c10::optional<at::Tensor>& out_gates, int64_t group_size,
                                   c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
-                                  int64_t groups, c10::string_view activation) {
+                                  int64_t groups, c10::string_view activation, const c10::optional<at::Tensor>& means) {
   const char* op = "channel_gated_conv2d_add_";
   const ConvGeometry g = check_channel_conv_args(x, weight, bias, in_gates, out_gates, group_size, stride, padding,
                                                  dilation, groups, op);
   check_channel_residual(residual, x, weight, g, op);
+  check_channel_means(means, residual, op);
   const Activation act = parse_activation(activation, op);
-  if (residual.numel() == 0) return;
+  if (residual.numel() == 0) {
+    if (means.has_value()) means->fill_(std::numeric_limits<double>::quiet_NaN());  // torch.mean of nothing
+    return;
+  }
   // The kernel walks the residual in x's layout; other strides get a working copy, written back once.
   const at::MemoryFormat layout = feature_layout(x);
   at::Tensor work = residual.is_contiguous(layout) ? residual : residual.contiguous(layout);
-  run_channel_conv(g, x, weight, bias, in_gates, out_gates, act, work, /*accumulate=*/true);
+  at::Tensor sums_out;
+  if (means.has_value()) sums_out = means->is_contiguous() ? *means : at::empty_like(*means, at::MemoryFormat::Contiguous);
+  run_channel_conv(g, x, weight, bias, in_gates, out_gates, act, work, /*accumulate=*/true, sums_out);
   if (!work.is_same(residual)) residual.copy_(work);
+  if (means.has_value() && !sums_out.is_same(*means)) means->copy_(sums_out);
 }
 
 }  // namespace

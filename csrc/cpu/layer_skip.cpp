@@ -104,6 +104,64 @@ void scatter_rows_inplace(scalar_t* res, const scalar_t* y, const int32_t* sel, 
   });
 }
 
+// r[i] = act(r[i] + y[i]) and sum[i] += r[i] over n values.
+template <typename scalar_t, Activation A>
+void add_act_sum(scalar_t* r, const scalar_t* y, at::opmath_type<scalar_t>* sum, int64_t n) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    cpu::residual_act_sum_floats(r, y, sum, n, A == Activation::kRelu);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      r[i] = activate<A>(acc_t(r[i]) + acc_t(y[i]));
+      sum[i] += acc_t(r[i]);
+    }
+  }
+}
+
+// The in-place scatter of (K, C, HW) rows that also writes each updated row's channel means to
+// pooled[sel[k]] while the values are in registers: the next block's masker then needs no pass of
+// its own over the map.
+template <typename scalar_t, Activation A>
+void scatter_rows_inplace_pooled(scalar_t* res, const scalar_t* y, const int32_t* sel, scalar_t* pooled, int64_t K,
+                                 int64_t C, int64_t HW, bool channels_last) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t R = C * HW;
+  const acc_t inv = acc_t(1) / acc_t(HW);  // HW = 0 gives NaN means, as torch.mean of nothing
+  if (!channels_last) {  // each (row, channel) plane is contiguous: one item per plane
+    at::parallel_for(0, K * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(HW, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t k = i / C, c = i % C;
+        scalar_t* r = res + sel[k] * R + c * HW;
+        add_act<scalar_t, A>(r, r, y + k * R + c * HW, HW);
+        acc_t sum = 0;
+        for (int64_t p = 0; p < HW; ++p) sum += acc_t(r[p]);
+        pooled[sel[k] * C + c] = scalar_t(sum * inv);
+      }
+    });
+    return;
+  }
+  // channels_last: chunks of pixels, each with its own channel sums, added up per row afterwards.
+  const int64_t chunk = std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1));
+  const int64_t per_row = std::max<int64_t>(1, ceil_div(HW, chunk));
+  std::vector<acc_t> partial(static_cast<size_t>(K * per_row * C), acc_t(0));
+  at::parallel_for(0, K * per_row, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t k = i / per_row, p0 = (i % per_row) * chunk, p1 = std::min(HW, p0 + chunk);
+      scalar_t* r = res + sel[k] * R;
+      const scalar_t* yk = y + k * R;
+      acc_t* sum = partial.data() + i * C;
+      for (int64_t p = p0; p < p1; ++p) add_act_sum<scalar_t, A>(r + p * C, yk + p * C, sum, C);
+    }
+  });
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t sum = 0;
+      for (int64_t j = 0; j < per_row; ++j) sum += partial[(k * per_row + j) * C + c];
+      pooled[sel[k] * C + c] = scalar_t(sum * inv);
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> sample_gather_cpu(const at::Tensor& x, const at::Tensor& gates) {
   const char* op = "sample_gather";
   SampleRows s = check_sample_gather_args(x, gates, op);
@@ -179,9 +237,35 @@ void sample_scatter_add_inplace_cpu(const at::Tensor& residual, const at::Tensor
   if (!work.is_same(residual)) residual.copy_(work);
 }
 
+void sample_scatter_add_pool_cpu(const at::Tensor& residual, const at::Tensor& y, const at::Tensor& sel,
+                                 const at::Tensor& pooled, c10::string_view activation) {
+  const char* op = "sample_scatter_add_pool_";
+  const SampleRows s = check_sample_scatter_args(residual, y, sel, op);
+  check_pooled(residual, pooled, op);
+  const Activation act = parse_activation(activation, op);
+  const at::Tensor idx = sel.contiguous();
+  build_slots(idx, s.N, op);  // in range and unique, or an error before any write
+  if (s.K == 0) return;
+  const at::MemoryFormat layout = feature_layout(residual);
+  at::Tensor work = residual.is_contiguous(layout) ? residual : residual.contiguous(layout);
+  at::Tensor means = pooled.is_contiguous() ? pooled : pooled.contiguous();
+  const at::Tensor yy = y.contiguous(layout);
+  const int64_t C = residual.size(1), HW = residual.size(2) * residual.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work.scalar_type(), "sample_scatter_add_pool_cpu", [&] {
+    with_activation(act, [&](auto A) {
+      scatter_rows_inplace_pooled<scalar_t, decltype(A)::value>(
+          work.data_ptr<scalar_t>(), yy.data_ptr<scalar_t>(), idx.data_ptr<int32_t>(), means.data_ptr<scalar_t>(),
+          s.K, C, HW, layout == at::MemoryFormat::ChannelsLast);
+    });
+  });
+  if (!work.is_same(residual)) residual.copy_(work);
+  if (!means.is_same(pooled)) pooled.copy_(means);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(laudnet_ops, CPU, m) {
+  m.impl("sample_scatter_add_pool_", &sample_scatter_add_pool_cpu);
   m.impl("sample_gather", &sample_gather_cpu);
   m.impl("sample_scatter_add", &sample_scatter_add_cpu);
   m.impl("sample_scatter_add_", &sample_scatter_add_inplace_cpu);

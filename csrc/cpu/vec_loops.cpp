@@ -75,6 +75,21 @@ LAUDNET_OPS_CLONES void residual_bias_act_floats(float* dst, const float* res, c
   }
 }
 
+LAUDNET_OPS_CLONES void residual_act_sum_floats(float* __restrict__ r, const float* __restrict__ v,
+                                                float* __restrict__ sum, int64_t n, bool relu) {
+  if (relu) {
+    for (int64_t i = 0; i < n; ++i) {
+      r[i] = act<true>(r[i] + v[i]);
+      sum[i] += r[i];
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      r[i] += v[i];
+      sum[i] += r[i];
+    }
+  }
+}
+
 // Bias and activation first, as one contiguous pass the compiler vectorises, then the scatter: a
 // compare inside the scatter loop compiles to a branch, mispredicted on about half of the values.
 LAUDNET_OPS_CLONES void scatter_bias_act_floats(float* __restrict__ dst, float* __restrict__ src,

@@ -32,6 +32,8 @@ void scatter4_add_floats(float* dst, const float* src, const int32_t* place4, in
 // other overlap.
 void residual_bias_act_floats(float* dst, const float* res, const float* v, const float* bias, int64_t n,
                               bool relu);
+// r[i] = act(r[i] + v[i]) and sum[i] += r[i]: one pixel of a residual update that also pools it.
+void residual_act_sum_floats(float* r, const float* v, float* sum, int64_t n, bool relu);
 // sum of a[i] * b[i]
 float dot_floats(const float* a, const float* b, int64_t n);
 

@@ -24,6 +24,19 @@ def stage_granularity(mode: str, granularity: Granularity, stages: int) -> tuple
     return granularity
 
 
+def run_blocks(stages, x):
+    """Run every block of ``stages`` in order: ``(output, its channel means (N, C) or None)``.
+
+    Blocks hand each other the channel means of the map between them (see
+    ``DynamicBlock.forward_with_means``): on the inference path of layer skipping, the scatter of one
+    block pools what the next block's masker (or the head) would otherwise pool in a pass of its own."""
+    means = None
+    for stage in stages:
+        for block in stage:
+            x, means = block.forward_with_means(x, means)
+    return x, means
+
+
 def init_backbone(model: nn.Module) -> None:
     """torchvision's initialisation of ResNet and RegNet, leaving the maskers' own (keep-biased) one."""
     masker_modules = {id(m) for masker in model.modules() if isinstance(masker, Masker) for m in masker.modules()}

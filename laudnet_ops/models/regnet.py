@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..nn.blocks import DynamicRegNetYBlock
-from ._common import Granularity, init_backbone, stage_granularity
+from ._common import Granularity, init_backbone, run_blocks, stage_granularity
 
 __all__ = ["LaudRegNetY", "laud_regnety_400mf", "laud_regnety_800mf", "REGNETY_CONFIGS"]
 
@@ -61,7 +61,8 @@ class LaudRegNetY(nn.Module):
         N = x.shape[0]
         x = self.stem(x)
         stem_macs = self.stem[0].weight.numel() * x.shape[2] * x.shape[3]
-        x = torch.flatten(self.avgpool(self.trunk_output(x)), 1)
+        x, means = run_blocks(self.trunk_output, x)
+        x = torch.flatten(self.avgpool(x), 1) if means is None else means
         self._laud_static_macs = float(N * (stem_macs + self.fc.weight.numel()))
         return self.fc(x)
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..nn.blocks import DynamicBottleneck, conv_weight_layout
 from ..nn.folding import FoldedWeights
-from ._common import Granularity, init_backbone, stage_granularity
+from ._common import Granularity, init_backbone, run_blocks, stage_granularity
 
 __all__ = ["LaudResNet", "laud_resnet50", "laud_resnet101"]
 
@@ -84,8 +84,8 @@ class LaudResNet(nn.Module):
             x = self.relu(self.bn1(self.conv1(x)))
         stem_macs = self.conv1.weight.numel() * x.shape[2] * x.shape[3]
         x = self.maxpool(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = torch.flatten(self.avgpool(x), 1)
+        x, means = run_blocks((self.layer1, self.layer2, self.layer3, self.layer4), x)
+        x = torch.flatten(self.avgpool(x), 1) if means is None else means
         self._laud_static_macs = float(N * (stem_macs + self.fc.weight.numel()))
         return self.fc(x)
 

@@ -40,7 +40,7 @@ SPARSE_OPS = {
     "dense": (),
     "spatial": ("masker_conv1x1", "patch_indices", "gather_conv2d", "conv1x1_scatter_add", "conv1x1_scatter_add_"),
     "channel": ("channel_gated_conv2d", "channel_gated_conv2d_add_"),
-    "layer": ("sample_gather", "sample_scatter_add", "sample_scatter_add_"),
+    "layer": ("sample_gather", "sample_scatter_add", "sample_scatter_add_", "sample_scatter_add_pool_"),
 }
 
 
@@ -113,6 +113,20 @@ class DynamicBlock(nn.Module):
         with torch.no_grad():
             return getattr(self, f"_sparse_{self.mode}")(x)
 
+    def forward_with_means(self, x: torch.Tensor, means: Optional[torch.Tensor] = None) -> tuple:
+        """``(self(x), the output's channel means or None)``, given ``x``'s channel means ``(N, C)`` or None.
+
+        The models chain their blocks through this. On the sparse paths of layer and channel skipping,
+        the kernel that writes a block's output pools it on the way (``sample_scatter_add_pool_`` when a
+        layer-skipping block updates its own input, ``channel_gated_conv2d_add_`` always), so the next
+        block's masker, or the network's head, pools nothing itself. Elsewhere it is ``self(x)`` and
+        None. Module hooks of a block do not run on the pooled path.
+        """
+        if self.mode not in ("layer", "channel") or self.resolved_execution() != "sparse":
+            return self(x), None
+        with torch.no_grad():
+            return getattr(self, f"_sparse_{self.mode}")(x, means, want_means=True)
+
     def _record(self, x: torch.Tensor, out_hw: tuple, mask: Optional[torch.Tensor]) -> None:
         in_hw = tuple(x.shape[2:])
         parts = self._dense_parts(in_hw, out_hw)
@@ -165,14 +179,22 @@ class DynamicBlock(nn.Module):
             identity = identity.clone(memory_format=torch.preserve_format)
         return identity
 
-    def _gated_residual_add(self, x, h, weight, bias, gates):
+    def _gated_residual_add(self, x, h, weight, bias, gates, want_means=False):
         """``relu(identity + conv(h))``, the channel block's last conv reading the active input groups,
-        fused with the residual add. A sample with every group off skips its branch: its output gates
-        are all off, so it adds nothing (and no host synchronisation decides that)."""
+        fused with the residual add; with ``want_means`` also the output's channel means. A sample with
+        every group off skips its branch: its output gates are all off, so it adds nothing (and no host
+        synchronisation decides that)."""
         G = self.granularity
         alive = gates.any(1, keepdim=True).expand(-1, weight.shape[0] // G)
-        return op("channel_gated_conv2d_add_")(self._writable_identity(x), h, weight, bias, gates, alive, G,
-                                               activation="relu")
+        identity = self._writable_identity(x)
+        means = identity.new_empty(identity.shape[:2]) if want_means else None
+        out = op("channel_gated_conv2d_add_")(identity, h, weight, bias, gates, alive, G, activation="relu",
+                                              means=means)
+        return (out, means) if want_means else out
+
+    def _channel_gates(self, x, means):
+        """Bool (N, groups): the channel masker's decisions, from ``x``'s channel means if known."""
+        return self.masker.decide(self.masker.logits_from_means(x.mean((2, 3)) if means is None else means)) > 0
 
     def _residual_add(self, identity, packed, indices, weight, bias):
         """``relu(identity + conv1x1(packed, weight, bias))`` at the patches, the block's last conv fused
@@ -182,16 +204,30 @@ class DynamicBlock(nn.Module):
             return op("conv1x1_scatter_add_")(identity, packed, indices, weight, bias, "relu")
         return op("conv1x1_scatter_add")(identity, packed, indices, weight, bias, "relu")
 
-    def _sparse_layer(self, x):
-        """Layer skipping: the branch runs on the kept samples only, scattered back with the residual."""
-        gates = self.masker.decide(self.masker.logits(x)) > 0
+    def _sparse_layer(self, x, means=None, want_means=False):
+        """Layer skipping: the branch runs on the kept samples only, scattered back with the residual.
+
+        ``means``: ``x``'s channel means if known (else pooled here). With ``want_means`` it returns
+        ``(out, out's channel means or None)``."""
+        if means is None:
+            means = x.mean((2, 3))
+        gates = self.masker.decide(self.masker.logits_from_means(means)) > 0
         identity = self._identity(x)
         self._record(x, tuple(identity.shape[2:]), gates)
         # The gather's compaction is the block's one host synchronisation; the kept count comes with it.
         selected, sel = op("sample_gather")(x, gates)
         if sel.shape[0] == x.shape[0]:  # every sample kept: the plain block, no scatter
-            return F.relu_(self._branch(x).add_(identity))
+            out = F.relu_(self._branch(x).add_(identity))
+            return (out, None) if want_means else out
         y = self._branch(selected)
+        if self._in_place_residual() and want_means:
+            # The skipped samples keep their values, hence their means; the scatter pools the others.
+            return op("sample_scatter_add_pool_")(identity, y, sel, means, "relu")
+        out = self._scatter_layer(identity, y, sel)
+        return (out, None) if want_means else out
+
+    def _scatter_layer(self, identity, y, sel):
+        """``relu(identity + y)`` on the samples ``sel``, ``relu(identity)`` on the others."""
         if self._in_place_residual():
             return op("sample_scatter_add_")(identity, y, sel, "relu")
         if self._projection() is not None:
@@ -304,9 +340,9 @@ class DynamicBottleneck(DynamicBlock):
         self._record(x, tuple(identity.shape[2:]), mask)
         return self._residual_add(identity, packed, indices, w3, b3)
 
-    def _sparse_channel(self, x):
+    def _sparse_channel(self, x, means=None, want_means=False):
         G = self.granularity
-        gates = self.masker.decide(self.masker.logits(x)) > 0
+        gates = self._channel_gates(x, means)
         gated = op("channel_gated_conv2d")
         layout = _weight_layout(x)
         w1, b1 = self._fold("conv1", self.conv1, self.bn1, layout)
@@ -316,7 +352,7 @@ class DynamicBottleneck(DynamicBlock):
         y = gated(x, w1, b1, None, gates, G, activation="relu")
         y = gated(y, w2, b2, gates, gates, G, c2.stride[0], c2.padding[0], c2.dilation[0], c2.groups, "relu")
         self._record(x, tuple(y.shape[2:]), gates)
-        return self._gated_residual_add(x, y, w3, b3, gates)
+        return self._gated_residual_add(x, y, w3, b3, gates, want_means)
 
     def _dense_parts(self, in_hw, out_hw) -> dict:
         parts = {"conv1": _conv_macs(self.conv1, in_hw), "conv2": _conv_macs(self.conv2, out_hw),
@@ -446,9 +482,9 @@ class DynamicRegNetYBlock(DynamicBlock):
         wc, bc = self._fold("c", self.f.c[0], self.f.c[1], _weight_layout(x))
         return self._residual_add(identity, packed, indices, wc, bc)
 
-    def _sparse_channel(self, x):
+    def _sparse_channel(self, x, means=None, want_means=False):
         G = self.granularity
-        gates = self.masker.decide(self.masker.logits(x)) > 0
+        gates = self._channel_gates(x, means)
         gated = op("channel_gated_conv2d")
         (wa, ba), (wb, bb), (wc, bc) = self._folded_convs()
         b = self.f.b[0]
@@ -456,7 +492,7 @@ class DynamicRegNetYBlock(DynamicBlock):
         y = gated(y, wb, bb, gates, gates, G, b.stride[0], b.padding[0], 1, b.groups, "relu")
         y = y.mul_(self.f.se.scale(y.mean((2, 3), keepdim=True)))
         self._record(x, tuple(y.shape[2:]), gates)
-        return self._gated_residual_add(x, y, wc, bc, gates)
+        return self._gated_residual_add(x, y, wc, bc, gates, want_means)
 
     def _dense_parts(self, in_hw, out_hw) -> dict:
         f = self.f

@@ -128,7 +128,11 @@ class ChannelMasker(Masker):
         nn.init.constant_(self.fc2.bias, keep_bias)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(x.mean((2, 3)))))
+        return self.logits_from_means(x.mean((2, 3)))
+
+    def logits_from_means(self, means: torch.Tensor) -> torch.Tensor:
+        """The logits from the block input's channel means ``(N, C)``, where they are already known."""
+        return self.fc2(F.relu(self.fc1(means)))
 
     def unit_shape(self, x: torch.Tensor) -> tuple:
         return (x.shape[0], self.groups)
@@ -144,7 +148,11 @@ class LayerMasker(Masker):
         nn.init.constant_(self.fc.bias, keep_bias)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.mean((2, 3)))[:, 0]
+        return self.logits_from_means(x.mean((2, 3)))
+
+    def logits_from_means(self, means: torch.Tensor) -> torch.Tensor:
+        """The logits from the block input's channel means ``(N, C)``, where they are already known."""
+        return self.fc(means)[:, 0]
 
     def unit_shape(self, x: torch.Tensor) -> tuple:
         return (x.shape[0],)

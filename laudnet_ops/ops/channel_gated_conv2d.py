@@ -66,6 +66,7 @@ def channel_gated_conv2d_add_(
     dilation: IntPair = 1,
     groups: int = 1,
     activation: str = "relu",
+    means: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """In place, ``residual = act(residual + channel_gated_conv2d(x, ..., activation="none"))``; returns it.
 
@@ -79,17 +80,20 @@ def channel_gated_conv2d_add_(
             ``x``; may share no memory with ``x`` or ``weight``. Updated in place.
         x, weight, bias, in_gates, out_gates, group_size, stride, padding, dilation, groups,
             activation: as :func:`channel_gated_conv2d`.
+        means: None, or ``(N, Cout)`` in ``residual``'s dtype and device, which receives the channel
+            means of the updated ``residual`` (pooled on the CPU while each output is in cache): the
+            input of the next block's channel masker.
 
     For inference: not differentiable (use :func:`channel_gated_conv2d` and an add to train).
     """
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (residual, x, weight, bias)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (residual, x, weight, bias, means)):
         raise RuntimeError(
             f"{_OP_ADD}: the in-place form is for inference and has no gradient; use "
             "laudnet_ops.channel_gated_conv2d and an add, or call this under torch.no_grad()"
         )
     torch.ops.laudnet_ops.channel_gated_conv2d_add_.default(
         residual, x, weight, bias, in_gates, out_gates, group_size, _pair(stride), _pair(padding), _pair(dilation),
-        groups, activation,
+        groups, activation, means,
     )
     return residual
 
@@ -166,22 +170,28 @@ def _channel_gated_conv2d_fake(x, weight, bias, in_gates, out_gates, group_size,
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_checks.feature_layout(x))
 
 
-def _check_residual(residual, x, weight, shape):
-    """Mirror of check_channel_residual in csrc/channel_geometry.h (the overlap checks need storage)."""
+def _check_residual(residual, x, weight, shape, means):
+    """Mirror of check_channel_residual and check_channel_means in csrc/channel_geometry.h (not the
+    overlap checks, which need storage)."""
     _checks.check_dim(residual, 4, _OP_ADD, "residual")
     _checks.check(tuple(residual.shape) == tuple(shape), _OP_ADD,
                   f"residual must have the output's shape (N, Cout, Ho, Wo) = {tuple(shape)}, "
                   f"got {tuple(residual.shape)}")
     _checks.check_same(x, residual, "dtype", _OP_ADD, "x", "residual")
     _checks.check_same(x, residual, "device", _OP_ADD, "x", "residual")
+    if means is not None:
+        _checks.check(means.dim() == 2 and tuple(means.shape) == tuple(shape[:2]), _OP_ADD,
+                      f"means must have shape (N, Cout) = ({shape[0]}, {shape[1]}), got {list(means.shape)}")
+        _checks.check_same(residual, means, "dtype", _OP_ADD, "residual", "means")
+        _checks.check_same(residual, means, "device", _OP_ADD, "residual", "means")
 
 
 @torch.library.register_fake("laudnet_ops::channel_gated_conv2d_add_")
 def _channel_gated_conv2d_add_fake(residual, x, weight, bias, in_gates, out_gates, group_size, stride=(1, 1),
-                                   padding=(0, 0), dilation=(1, 1), groups=1, activation="relu"):
+                                   padding=(0, 0), dilation=(1, 1), groups=1, activation="relu", means=None):
     shape = _check_conv(x, weight, bias, in_gates, out_gates, group_size, stride, padding, dilation, groups,
                         activation, _OP_ADD)
-    _check_residual(residual, x, weight, shape)
+    _check_residual(residual, x, weight, shape, means)
 
 
 def _channel_mask(gates: Optional[torch.Tensor], group_size: int, dtype) -> Optional[torch.Tensor]:

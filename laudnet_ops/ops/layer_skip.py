@@ -56,6 +56,26 @@ def sample_scatter_add_(
     return residual
 
 
+def sample_scatter_add_pool_(
+    residual: torch.Tensor, y: torch.Tensor, sel: torch.Tensor, pooled: torch.Tensor, activation: str = "relu"
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_scatter_add_` that also keeps the channel means of ``residual`` up to date.
+
+    On a 4-D map ``residual`` ``(N, C, H, W)`` whose channel means ``pooled`` ``(N, C)`` holds, this
+    updates the selected samples in place and sets ``pooled[sel]`` to their new means, computed while
+    the updated values are in registers; the other rows of both are left as they are. For a chain of
+    layer-skipping blocks: the next block's masker pools exactly this map, and needs no pass of its own
+    over it. Returns ``(residual, pooled)``. Not differentiable (inference).
+    """
+    if torch.is_grad_enabled() and (residual.requires_grad or y.requires_grad or pooled.requires_grad):
+        raise RuntimeError(
+            "sample_scatter_add_pool_: the in-place form is for inference and has no gradient; "
+            "call it under torch.no_grad()"
+        )
+    torch.ops.laudnet_ops.sample_scatter_add_pool_.default(residual, y, sel, pooled, activation)
+    return residual, pooled
+
+
 def _check_rows(t, op, arg):
     _checks.check(t.dim() >= 1, op, f"{arg} must have a sample dimension (at least 1-D), got a 0-D tensor")
     _checks.check_floating(t, op, arg)
@@ -107,6 +127,19 @@ def _sample_scatter_add_fake(residual, y, sel, activation="relu"):
 @torch.library.register_fake("laudnet_ops::sample_scatter_add_")
 def _sample_scatter_add_inplace_fake(residual, y, sel, activation="relu"):
     _check_scatter(residual, y, sel, activation, "sample_scatter_add_")
+
+
+@torch.library.register_fake("laudnet_ops::sample_scatter_add_pool_")
+def _sample_scatter_add_pool_fake(residual, y, sel, pooled, activation="relu"):
+    op = "sample_scatter_add_pool_"
+    _check_scatter(residual, y, sel, activation, op)
+    _checks.check(residual.dim() == 4, op,
+                  f"residual must be a 4-D (N, C, H, W) map to be pooled, got shape {list(residual.shape)}")
+    _checks.check(pooled.dim() == 2 and tuple(pooled.shape) == tuple(residual.shape[:2]), op,
+                  f"pooled must have shape (N, C) = ({residual.shape[0]}, {residual.shape[1]}), "
+                  f"got {list(pooled.shape)}")
+    _checks.check_same(residual, pooled, "dtype", op, "residual", "pooled")
+    _checks.check_same(residual, pooled, "device", op, "residual", "pooled")
 
 
 @torch.library.register_fake("laudnet_ops::_sample_index")
