@@ -404,8 +404,8 @@ def _spatial_cpu_kernels(spec: BlockSpec, n: int, s: int, kept: int, hp: int, wp
 
 def _channel_cpu_kernels(spec: BlockSpec, n: int, g: int, kept_c: int, dtype: str,
                          sched: Schedule) -> list[Kernel]:
-    """The channel block on the library's CPU channel_gated_conv2d (per-sample gates), then the residual
-    add and ReLU (the op has no residual input)."""
+    """The channel block on the library's CPU channel_gated_conv2d (per-sample gates), its last conv
+    fused with the residual add and ReLU (channel_gated_conv2d_add_)."""
     ho, wo = spec.ho, spec.wo
     keep = kept_c / spec.width
     kernels = ops.channel_gated_conv2d_cpu("conv1", n, spec.cin, spec.width, spec.h, spec.w, 1, 1, 1, g,
@@ -416,11 +416,7 @@ def _channel_cpu_kernels(spec: BlockSpec, n: int, g: int, kept_c: int, dtype: st
         kernels += _se_kernels("", n, spec.width, (n, spec.width, ho, wo), spec.se, dtype, sched)
     kernels += ops.channel_gated_conv2d_cpu("conv3", n, spec.width, spec.cout, ho, wo, 1, 1, 1, g,
                                             keep, 1.0, dtype)
-    if sched.fuse_epilogue:
-        kernels.append(ops.elementwise("add-relu", (n, spec.cout, ho, wo), 2, 2, dtype))
-    else:
-        kernels += [ops.elementwise("add", (n, spec.cout, ho, wo), 2, 1, dtype),
-                    _relu("relu3", (n, spec.cout, ho, wo), dtype)]
+    kernels.append(ops.residual_epilogue_cpu("conv3-add-relu", (n, spec.cout, ho, wo), dtype))
     return kernels
 
 

@@ -210,6 +210,13 @@ def _part(kernel: Kernel, **changes) -> Kernel:
     return dataclasses.replace(kernel, launches=0, **changes)
 
 
+def residual_epilogue_cpu(name: str, shape: tuple[int, int, int, int], dtype: str = "fp32") -> Kernel:
+    """The residual add and ReLU fused into a CPU conv's epilogue (channel_gated_conv2d_add_): one more
+    read of the residual map and two operations per output, no pass or dispatch of its own (the
+    output write is the conv's)."""
+    return _part(elementwise(name, shape, 1, 2, dtype), out_bytes=0.0)
+
+
 def blas_gemm(m: int, k: int, n: int, dtype: str = "fp32") -> Kernel:
     """A plain BLAS GEMM ``(m x k) . (k x n)`` (torch.mm), priced like the library's per-sample GEMMs."""
     b = DTYPE_BYTES[dtype]

@@ -7,8 +7,9 @@ schedule.  When the compiled extension loads, every paradigm runs the library's 
 * spatial: ``masker_conv1x1`` (conv1 and the masker from one read of x) -> ``patch_indices`` ->
   ``gather_conv2d`` (3x3) -> the 1x1 conv on the packed patches (``F.conv2d`` on (P, C, S, S)) ->
   ``scatter_add_`` in place;
-* channel: ``channel_gated_conv2d`` for the three convs, with per-sample random gates (every sample
-  keeps the same number of groups, different ones), then the residual add and ReLU;
+* channel: ``channel_gated_conv2d`` for conv1 and conv2, ``channel_gated_conv2d_add_`` for conv3 with the
+  residual add and ReLU fused, with per-sample random gates (every sample keeps the same number of
+  groups, different ones);
 * layer: ``sample_gather`` -> the dense branch (``F.conv2d``) -> ``sample_scatter_add_`` in place.
 
 The decisions (mask, gates) are prescribed -- they set the rate under test -- but the maskers' work
@@ -137,7 +138,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 #: The ops each paradigm's library implementation needs.
 LIBRARY_NEEDS = {
     "spatial": ("masker_conv1x1", "patch_indices", "gather_conv2d", "scatter_add_"),
-    "channel": ("channel_gated_conv2d",),
+    "channel": ("channel_gated_conv2d", "channel_gated_conv2d_add_"),
     "layer": ("sample_gather", "sample_scatter_add_"),
 }
 
@@ -355,7 +356,8 @@ def _sample_gates(n: int, groups: int, kept: int, dev: str):
 
 def _build_channel_library(spec: BlockSpec, n: int, group: int, kept_groups: int,
                            lib: dict[str, Callable[..., Any]]) -> Callable[[str], Callable[[], object]]:
-    """channel_gated_conv2d for conv1 (outputs gated), conv2 (both) and conv3 (inputs), per-sample gates."""
+    """channel_gated_conv2d for conv1 (outputs gated) and conv2 (both), channel_gated_conv2d_add_ for conv3
+    (inputs) fused with the residual add and ReLU in place, per-sample gates."""
     def build(dev: str):
         import torch.nn.functional as F
 
@@ -365,7 +367,7 @@ def _build_channel_library(spec: BlockSpec, n: int, group: int, kept_groups: int
         w1, w2, w3 = _weights(spec, dev)
         m1, m2 = _tensor(hidden, spec.cin, device=dev), _tensor(groups, hidden, device=dev)
         gates = _sample_gates(n, groups, kept_groups, dev)
-        conv = lib["channel_gated_conv2d"]
+        conv, conv_add = lib["channel_gated_conv2d"], lib["channel_gated_conv2d_add_"]
 
         def run():
             logits = F.linear(F.linear(x.mean((2, 3)), m1).relu_(), m2)
@@ -373,8 +375,7 @@ def _build_channel_library(spec: BlockSpec, n: int, group: int, kept_groups: int
             y = conv(x, w1, None, None, gates, group, activation="relu")
             y = conv(y, w2, None, gates, gates, group, stride=spec.stride, padding=1, groups=spec.groups,
                      activation="relu")
-            y = conv(y, w3, None, gates, None, group, activation="none")
-            return y.add_(x).relu_()
+            return conv_add(x, y, w3, None, gates, None, group, activation="relu")
         return run
     return build
 
