@@ -36,10 +36,8 @@ void channel_gated_conv2d_add_unfused(const at::Tensor& residual, const at::Tens
                                       int64_t groups, c10::string_view activation,
                                       const c10::optional<at::Tensor>& means) {
   const char* op = "channel_gated_conv2d_add_";
-  const ConvGeometry g = check_channel_conv_args(x, weight, bias, in_gates, out_gates, group_size, stride, padding,
-                                                 dilation, groups, op);
-  check_channel_residual(residual, x, weight, g, op);
-  check_channel_means(means, residual, op);
+  check_channel_add_args(residual, x, weight, bias, in_gates, out_gates, group_size, stride, padding, dilation, groups,
+                         means, op);
   const Activation act = parse_activation(activation, op);
   static const auto conv = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("laudnet_ops::channel_gated_conv2d", "")

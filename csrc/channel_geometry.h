@@ -142,4 +142,19 @@ inline void check_channel_means(const c10::optional<at::Tensor>& means, const at
               ": residual and means share memory; both are written");
 }
 
+// Every check of channel_gated_conv2d_add_, shared by its fused and unfused kernels.
+inline ConvGeometry check_channel_add_args(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
+                                           const c10::optional<at::Tensor>& bias,
+                                           const c10::optional<at::Tensor>& in_gates,
+                                           const c10::optional<at::Tensor>& out_gates, int64_t group_size,
+                                           c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                           c10::IntArrayRef dilation, int64_t groups,
+                                           const c10::optional<at::Tensor>& means, const char* op) {
+  const ConvGeometry g = check_channel_conv_args(x, weight, bias, in_gates, out_gates, group_size, stride, padding,
+                                                 dilation, groups, op);
+  check_channel_residual(residual, x, weight, g, op);
+  check_channel_means(means, residual, op);
+  return g;
+}
+
 }  // namespace laudnet_ops

@@ -185,13 +185,17 @@ def test_compile_fullgraph():
     torch.testing.assert_close(torch.compile(block, fullgraph=True)(x, w, b, gin, gout), want)
 
 
-@settings(max_examples=30, deadline=None)
-@given(
+# Random small convolutions and gates, shared with the tests of channel_gated_conv2d_add_.
+CONV_STRATEGIES = dict(
     N=st.integers(1, 3), cin_groups=st.integers(1, 3), cout_groups=st.integers(1, 3), G=st.sampled_from([1, 2, 4]),
     H=st.integers(1, 9), W=st.integers(1, 9), K=st.sampled_from([1, 3]), stride=st.integers(1, 2),
     padding=st.integers(0, 1), keep_in=st.floats(0, 1), keep_out=st.floats(0, 1), seed=st.integers(0, 9999),
     channels_last=st.booleans(), activation=st.sampled_from(["relu", "none"]),
 )
+
+
+@settings(max_examples=30, deadline=None)
+@given(**CONV_STRATEGIES)
 def test_property_matches_reference(N, cin_groups, cout_groups, G, H, W, K, stride, padding, keep_in, keep_out, seed,
                                     channels_last, activation):
     if H + 2 * padding < K or W + 2 * padding < K:

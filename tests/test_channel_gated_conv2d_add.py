@@ -3,13 +3,12 @@
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import laudnet_ops
 from laudnet_ops import reference
 
 from helpers import DEVICES, device_dtype_params, to_layout
-from test_channel_gated_conv2d import CONV_TOL, KEEPS, SHAPES, make_case
+from test_channel_gated_conv2d import CONV_STRATEGIES, CONV_TOL, KEEPS, SHAPES, make_case
 
 
 def make_residual(case, G, conv, dtype, layout, seed):
@@ -108,12 +107,7 @@ def test_empty_batch_is_a_no_op(device):
 
 
 @settings(max_examples=30, deadline=None)
-@given(
-    N=st.integers(1, 3), cin_groups=st.integers(1, 3), cout_groups=st.integers(1, 3), G=st.sampled_from([1, 2, 4]),
-    H=st.integers(1, 9), W=st.integers(1, 9), K=st.sampled_from([1, 3]), stride=st.integers(1, 2),
-    padding=st.integers(0, 1), keep_in=st.floats(0, 1), keep_out=st.floats(0, 1), seed=st.integers(0, 9999),
-    channels_last=st.booleans(), activation=st.sampled_from(["relu", "none"]),
-)
+@given(**CONV_STRATEGIES)
 def test_property_matches_reference(N, cin_groups, cout_groups, G, H, W, K, stride, padding, keep_in, keep_out, seed,
                                     channels_last, activation):
     if H + 2 * padding < K or W + 2 * padding < K:

@@ -700,10 +700,8 @@ void channel_gated_conv2d_add_cpu(const at::Tensor& residual, const at::Tensor& 
                                   c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
                                   int64_t groups, c10::string_view activation, const c10::optional<at::Tensor>& means) {
   const char* op = "channel_gated_conv2d_add_";
-  const ConvGeometry g = check_channel_conv_args(x, weight, bias, in_gates, out_gates, group_size, stride, padding,
-                                                 dilation, groups, op);
-  check_channel_residual(residual, x, weight, g, op);
-  check_channel_means(means, residual, op);
+  const ConvGeometry g = check_channel_add_args(residual, x, weight, bias, in_gates, out_gates, group_size, stride,
+                                                padding, dilation, groups, means, op);
   const Activation act = parse_activation(activation, op);
   if (residual.numel() == 0) {
     if (means.has_value()) means->fill_(std::numeric_limits<double>::quiet_NaN());  // torch.mean of nothing

@@ -28,8 +28,9 @@ def run_blocks(stages, x):
     """Run every block of ``stages`` in order: ``(output, its channel means (N, C) or None)``.
 
     Blocks hand each other the channel means of the map between them (see
-    ``DynamicBlock.forward_with_means``): on the inference path of layer skipping, the scatter of one
-    block pools what the next block's masker (or the head) would otherwise pool in a pass of its own."""
+    ``DynamicBlock.forward_with_means``): on the inference path of layer and channel skipping, the
+    kernel that writes one block's output pools what the next block's masker (or the head) would
+    otherwise pool in a pass of its own."""
     means = None
     for stage in stages:
         for block in stage:

@@ -194,7 +194,8 @@ class DynamicBlock(nn.Module):
 
     def _channel_gates(self, x, means):
         """Bool (N, groups): the channel masker's decisions, from ``x``'s channel means if known."""
-        return self.masker.decide(self.masker.logits_from_means(x.mean((2, 3)) if means is None else means)) > 0
+        means = x.mean((2, 3)) if means is None else means
+        return self.masker.decide(self.masker.logits_from_means(means)) > 0
 
     def _residual_add(self, identity, packed, indices, weight, bias):
         """``relu(identity + conv1x1(packed, weight, bias))`` at the patches, the block's last conv fused
