@@ -332,13 +332,7 @@ class ChannelConv {
 
   // sums[c] += px[c] for `pixels` channels_last pixels of `channels` values, g_.Cout apart.
   void pool_pixels(const scalar_t* px, int64_t pixels, int64_t channels, acc_t* sums) const {
-    for (int64_t p = 0; p < pixels; ++p, px += g_.Cout) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        cpu::add_floats(sums, px, channels);
-      } else {
-        for (int64_t c = 0; c < channels; ++c) sums[c] += acc_t(px[c]);
-      }
-    }
+    for (int64_t p = 0; p < pixels; ++p, px += g_.Cout) cpu::accumulate(sums, px, channels);
   }
 
   // channels_last with the row-block micro-kernel: each block of output pixels is finished (bias,
@@ -620,8 +614,9 @@ void run_channel_conv(const ConvGeometry& g, const at::Tensor& x, const at::Tens
                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& in_gates,
                       const c10::optional<at::Tensor>& out_gates, Activation act, at::Tensor& y, bool accumulate,
                       const at::Tensor& means = at::Tensor()) {
-  const bool nhwc = feature_layout(x) == at::MemoryFormat::ChannelsLast;
-  const at::Tensor src = x.contiguous(feature_layout(x));
+  const at::MemoryFormat layout = feature_layout(x);
+  const bool nhwc = layout == at::MemoryFormat::ChannelsLast;
+  const at::Tensor src = x.contiguous(layout);
   // channels_last packs (ky, kx, ci) and multiplies by [K, Cout_g] per group: arranged once per call.
   const at::Tensor w = nhwc ? weight.permute({0, 2, 3, 1})
                                   .reshape({g.groups, g.cout_g(), g.cin_g() * g.KH * g.KW})

@@ -120,16 +120,6 @@ void bias_act_row<float, Activation::kNone>(float* v, int64_t len, const float* 
   cpu::bias_act_floats(v, bias, len, /*relu=*/false);
 }
 
-template <typename acc_t, typename scalar_t>
-void accumulate(acc_t* dst, const scalar_t* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] += acc_t(src[i]);
-}
-inline void accumulate(float* dst, const float* src, int64_t n) { cpu::add_floats(dst, src, n); }
-template <typename acc_t, typename scalar_t>
-void accumulate2(acc_t* dst, const scalar_t* a, const scalar_t* b, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] += acc_t(a[i]) + acc_t(b[i]);
-}
-inline void accumulate2(float* dst, const float* a, const float* b, int64_t n) { cpu::add2_floats(dst, a, b, n); }
 
 template <typename acc_t, typename scalar_t>
 acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
@@ -185,10 +175,10 @@ void masker_nhwc(const MaskerTensors& t, const MaskerGeometry& g) {
                                   acc_t* dst = pooled.data() + cell * g.Cin;
                                   // Two neighbours of one cell per pass over the cell's sums.
                                   if (r + 1 < r0 + rows && w + 1 < g.W && qx_of[w + 1] == qx_of[w]) {
-                                    accumulate2(dst, xp + r * g.Cin, xp + (r + 1) * g.Cin, g.Cin);
+                                    cpu::accumulate2(dst, xp + r * g.Cin, xp + (r + 1) * g.Cin, g.Cin);
                                     r += 2;
                                   } else {
-                                    accumulate(dst, xp + r * g.Cin, g.Cin);
+                                    cpu::accumulate(dst, xp + r * g.Cin, g.Cin);
                                     r += 1;
                                   }
                                 }

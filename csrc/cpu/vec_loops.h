@@ -37,5 +37,19 @@ void residual_act_sum_floats(float* r, const float* v, float* sum, int64_t n, bo
 // sum of a[i] * b[i]
 float dot_floats(const float* a, const float* b, int64_t n);
 
+// Sums into a wider accumulator for any element type; float32 takes the dispatched loops above.
+// dst[i] += src[i]
+template <typename acc_t, typename scalar_t>
+void accumulate(acc_t* dst, const scalar_t* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += acc_t(src[i]);
+}
+inline void accumulate(float* dst, const float* src, int64_t n) { add_floats(dst, src, n); }
+// dst[i] += a[i] + b[i]
+template <typename acc_t, typename scalar_t>
+void accumulate2(acc_t* dst, const scalar_t* a, const scalar_t* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += acc_t(a[i]) + acc_t(b[i]);
+}
+inline void accumulate2(float* dst, const float* a, const float* b, int64_t n) { add2_floats(dst, a, b, n); }
+
 }  // namespace cpu
 }  // namespace laudnet_ops

@@ -246,18 +246,21 @@ class DynamicBlock(nn.Module):
         return f"mode={self.mode!r}, granularity={self.granularity}, execution={self.execution!r}"
 
 
+def _computed_channels_last(x: torch.Tensor) -> bool:
+    """Whether the kernels compute ``x`` as a channels_last map (the ops' feature-layout rule)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _weight_layout(x: torch.Tensor) -> Optional[str]:
     """The weight layout the channel-gated and conv1x1_scatter_add CPU kernels read without re-laying
     it: (ky, kx, Cin, Cout) for a channels_last map, plain contiguous otherwise."""
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return "taps_major" if cl else None
+    return "taps_major" if _computed_channels_last(x) else None
 
 
 def conv_weight_layout(x: torch.Tensor) -> Optional[str]:
     """The weight layout oneDNN convolves a map of ``x``'s layout with: channels_last weights for a
     channels_last map, so F.conv2d does not re-lay a 3x3 weight on every call."""
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return "channels_last" if cl else None
+    return "channels_last" if _computed_channels_last(x) else None
 
 
 def _alive(gates: torch.Tensor) -> torch.Tensor:
