@@ -6,6 +6,10 @@ dense F.conv2d in NCHW and in channels_last (oneDNN's channels_last convolution 
 stronger baseline on CPU), and against the unfused gather -> conv composite.
 masker_conv1x1 against the plain 1x1 convolution alone and against the unfused
 conv + pool + masker-conv, each in NCHW and channels_last.
+masked_conv1x1 (conv1 on the input pixels the 3x3 halo of the kept patches reads, the
+CPU spatial blocks' path) on the same shapes with random kept patches, against the plain
+1x1 convolution and, with its separate masker (average pool + 1x1 conv) added, against
+masker_conv1x1, which computes conv1 densely with the masker fused in.
 conv1x1_scatter_add (out of place and in place) against the unfused pair it replaces,
 F.conv2d(packed, w3, b3) then scatter_add / scatter_add_, on the ResNet-50 bottlenecks'
 last 1x1 convolutions (N=8), each in NCHW and channels_last (the F.conv2d baseline gets
@@ -121,6 +125,44 @@ def bench_masker(args, rows):
             sys.stdout.flush()
 
 
+def bench_masked_conv1x1(args, rows):
+    dev, dt = args.device, torch.float32
+    gen = torch.Generator().manual_seed(3)
+    for (N, Cin, H, W, Cout, S, stride) in ((16, 512, 28, 28, 128, 4, 1), (16, 256, 56, 56, 128, 4, 2)):
+        x = torch.randn(N, Cin, H, W, generator=gen).to(dev, dt).contiguous(memory_format=CL)
+        w = (torch.randn(Cout, Cin, 1, 1, generator=gen) / math.sqrt(Cin)).to(dev, dt)
+        b = torch.randn(Cout, generator=gen).to(dev, dt)
+        wm = (torch.randn(1, Cin, 1, 1, generator=gen) / math.sqrt(Cin)).to(dev, dt)
+        bm = torch.randn(1, generator=gen).to(dev, dt)
+        wt, wl, wml = _taps_major(w), w.contiguous(memory_format=CL), wm.contiguous(memory_format=CL)
+        out_hw = (-(-H // stride), -(-W // stride))
+        grid = (N, -(-out_hw[0] // S), -(-out_hw[1] // S))
+        print(f"\nmasked_conv1x1  x {tuple(x.shape)} channels_last, 1x1 {Cin}->{Cout}, random patches of S={S} "
+              f"at stride {stride}, {dt}, {args.device}")
+        window = S * stride
+        for keep in (0.25, 0.5, 0.75):
+            mask = torch.rand(grid, generator=gen).to(dev) < keep
+            read = laudnet_ops.nn.halo_mask(mask, S, stride, (H, W), out_hw)[:, 0]
+            density = read.float().mean().item()
+            t_plain, t_masked, t_masker, t_fused = _interleaved_ms([
+                lambda: F.conv2d(x, wl),
+                lambda: laudnet_ops.masked_conv1x1(x, read, wt, b),
+                lambda: F.conv2d(F.avg_pool2d(x, window, window, ceil_mode=True), wml, bm),
+                lambda: laudnet_ops.masker_conv1x1(x, wt, b, wm, bm, S, stride),
+            ], args)
+            r = dict(op="masked_conv1x1", layout="channels_last", shape=f"{N}x{Cin}x{H}x{W}->{Cout}", S=S,
+                     stride=stride, keep=keep, read_fraction=density, plain_conv_ms=t_plain, masked_ms=t_masked,
+                     masker_ms=t_masker, masker_conv1x1_ms=t_fused,
+                     **{"masked/plain": t_masked / t_plain,
+                        "(masker+masked)/masker_conv1x1": (t_masker + t_masked) / t_fused})
+            rows.append(r)
+            print(f"  keep {keep:.2f}, {density:.2f} of the pixels read: plain 1x1 conv {t_plain:7.2f} ms | "
+                  f"masked {t_masked:7.2f} ms | masker {t_masker:5.2f} ms | masker_conv1x1 {t_fused:7.2f} ms | "
+                  f"masked/plain {t_masked / t_plain:.3f} | (masker+masked)/masker_conv1x1 "
+                  f"{(t_masker + t_masked) / t_fused:.3f}")
+            sys.stdout.flush()
+
+
 def _taps_major(w):
     """The (Cin, Cout)-ordered weight the blocks pass for channels_last maps (nn/folding.py)."""
     return w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
@@ -179,9 +221,10 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
-    parser.add_argument("--only", choices=("gather_conv2d", "masker_conv1x1", "conv1x1_scatter_add"), default=None)
+    parser.add_argument("--only", choices=("gather_conv2d", "masker_conv1x1", "masked_conv1x1", "conv1x1_scatter_add"),
+                        default=None)
     parser.add_argument("--rounds", type=int, default=3,
-                        help="conv1x1_scatter_add: interleaved timing rounds, the fastest kept")
+                        help="masked_conv1x1, conv1x1_scatter_add: interleaved timing rounds, the fastest kept")
     parser.add_argument("--csv", default=None, help="write every row to this CSV file")
     parser.add_argument("--clock", choices=("wall", "thread"), default="wall",
                         help="CPU timings: wall time, or (with --threads 1) the thread's CPU time")
@@ -199,6 +242,8 @@ def main():
             bench_gather_conv(args, rows)
         if args.only in (None, "masker_conv1x1"):
             bench_masker(args, rows)
+        if args.only in (None, "masked_conv1x1"):
+            bench_masked_conv1x1(args, rows)
         if args.only in (None, "conv1x1_scatter_add"):
             bench_conv1x1_scatter(args, rows)
     if args.csv:

@@ -1,5 +1,5 @@
 // Argument checks and geometry of the spatial-skipping convolutions
-// (gather_conv2d and masker_conv1x1), shared by the CPU and CUDA backends so
+// (gather_conv2d, masker_conv1x1 and masked_conv1x1), shared by the CPU and CUDA backends so
 // both reject the same calls with the same words. The Python fake kernels
 // (laudnet_ops/ops/gather_conv2d.py, masker_conv1x1.py) mirror them.
 #pragma once
@@ -140,6 +140,28 @@ inline MaskerGeometry check_masker_args(const at::Tensor& x, const at::Tensor& w
   g.Hq = ceil_div(g.H, g.window);
   g.Wq = ceil_div(g.W, g.window);
   return g;
+}
+
+// ---------------------------------------------------------------- masked_conv1x1
+
+struct MaskedConvGeometry {
+  int64_t N, Cin, H, W, Cout;
+  int64_t pixels() const { return N * H * W; }
+};
+
+inline MaskedConvGeometry check_masked_conv_args(const at::Tensor& x, const at::Tensor& mask,
+                                                 const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                                 const char* op) {
+  check_dim(x, 4, op, "x");
+  check_floating(x, op, "x");
+  check_1x1_weight(weight, x, op, "weight", "Cout");
+  check_bias(bias, x, weight.size(0), op, "bias");
+  check_same_device(x, mask, op, "x", "mask");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be a bool tensor, got ", mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 3 && mask.size(0) == x.size(0) && mask.size(1) == x.size(2) && mask.size(2) == x.size(3),
+              op, ": mask must have shape (N, H, W) = (", x.size(0), ", ", x.size(2), ", ", x.size(3), "), got ",
+              mask.sizes());
+  return MaskedConvGeometry{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0)};
 }
 
 }  // namespace laudnet_ops

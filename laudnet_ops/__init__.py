@@ -15,13 +15,13 @@ __version__ = "0.1.0"
 _OPS = ("patch_indices", "scatter_add", "scatter_add_")
 _OPS += ("channel_gated_conv2d", "channel_gated_conv2d_add_")
 _OPS += ("sample_gather", "sample_scatter_add", "sample_scatter_add_", "sample_scatter_add_pool_")
-_OPS += ("gather_conv2d", "masker_conv1x1", "conv1x1_scatter_add", "conv1x1_scatter_add_")
+_OPS += ("gather_conv2d", "masker_conv1x1", "masked_conv1x1", "conv1x1_scatter_add", "conv1x1_scatter_add_")
 
 if extension_error is None:
     from .ops import patch_indices, scatter_add, scatter_add_  # noqa: F401
     from .ops import channel_gated_conv2d, channel_gated_conv2d_add_  # noqa: F401
     from .ops import sample_gather, sample_scatter_add, sample_scatter_add_, sample_scatter_add_pool_  # noqa: F401
-    from .ops import gather_conv2d, masker_conv1x1, conv1x1_scatter_add, conv1x1_scatter_add_  # noqa: F401
+    from .ops import gather_conv2d, masker_conv1x1, masked_conv1x1, conv1x1_scatter_add, conv1x1_scatter_add_  # noqa: F401
 
 
 def __getattr__(name):

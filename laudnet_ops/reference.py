@@ -182,6 +182,19 @@ def gather_conv2d(
     return gather_patches(_activate(out, activation), indices, patch_size)
 
 
+def masked_conv1x1(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, bias=None,
+                   activation: str = "relu") -> torch.Tensor:
+    """``act(conv1x1(x, weight, bias))`` where bool ``mask`` ``(N, H, W)`` keeps a pixel, 0 elsewhere."""
+    if weight.shape[2:] != (1, 1):
+        raise ValueError("weight must be a 1x1 kernel")
+    if mask.dtype != torch.bool or tuple(mask.shape) != (x.shape[0], *x.shape[2:]):
+        raise ValueError(f"mask must be a bool (N, H, W) tensor, got {mask.dtype} {tuple(mask.shape)}")
+    y = torch.einsum("nchw,oc->nohw", x, weight[:, :, 0, 0])  # F.conv2d refuses zero-sized maps
+    if bias is not None:
+        y = y + bias[:, None, None]
+    return _activate(y, activation).masked_fill(~mask[:, None], 0)
+
+
 def masker_conv1x1(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -162,15 +162,45 @@ def test_sparse_spatial_fuses_the_last_conv_with_the_scatter(monkeypatch, kind, 
         return real_op(name)
 
     monkeypatch.setattr(blocks, "op", recording_op)
-    block = _blocks(kind, "spatial", 3, 1, force_keep=0.5).eval()
+    block = _blocks(kind, "spatial", 3, 1, force_keep=0.2).eval()
     block.owns_activated_input = owns_input
-    x = F.relu(torch.randn(2, 16, 9, 7))
+    x = F.relu(torch.randn(2, 16, 24, 21))
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     set_execution(block, "sparse")
-    set_force_keep(block, 0.5, seed=2)
+    set_force_keep(block, 0.2, seed=2)
     block(x.clone(memory_format=torch.preserve_format))
     last = "conv1x1_scatter_add_" if owns_input and block._projection() is None else "conv1x1_scatter_add"
-    assert calls == ["masker_conv1x1", "patch_indices", "gather_conv2d", last]
+    # conv1 of a channels_last map runs on the pixels the kept patches' halos read, else fused with the masker.
+    first = "masked_conv1x1" if channels_last else "masker_conv1x1"
+    assert calls == [first, "patch_indices", "gather_conv2d", last]
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "regnet"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("granularity", [1, 2, 3])
+@pytest.mark.parametrize("keep", [0.1, 0.4, 1.0])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sparse_spatial_conv1_reads_only_the_halo(monkeypatch, kind, stride, granularity, keep, channels_last):
+    # conv1 on just the input pixels the kept patches' 3x3 halo reads (masked_conv1x1): the gather
+    # convolution after it must find every value it reads, so sparse = masked.
+    import laudnet_ops.nn.blocks as blocks
+
+    needs_sparse_ops("spatial")
+    calls = []
+    real_op = blocks.op
+    monkeypatch.setattr(blocks, "op", lambda name: calls.append(name) or real_op(name))
+    block = _blocks(kind, "spatial", granularity, stride).eval()
+    x = F.relu(torch.randn(2, 16, 17, 14))
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    set_force_keep(block, keep, seed=3)
+    set_execution(block, "masked")
+    expected = block(x)
+    set_force_keep(block, keep, seed=3)
+    set_execution(block, "sparse")
+    calls.clear()
+    got = block(x.clone(memory_format=torch.preserve_format))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert calls[0] == ("masked_conv1x1" if channels_last else "masker_conv1x1")
 
 
 @pytest.mark.parametrize("kind", ["bottleneck", "regnet"])
@@ -293,6 +323,25 @@ def test_stats_of_a_stride_one_spatial_bottleneck():
     assert only["dense_flops"] == pytest.approx(conv1 + conv2 + conv3)
     assert only["flops"] == pytest.approx(executed)
     assert only["activation_rate"] == pytest.approx(executed / (conv1 + conv2 + conv3))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("S, H, W", [(1, 7, 6), (2, 9, 9), (3, 10, 7), (4, 5, 11)])
+def test_halo_mask_is_the_receptive_field_of_the_kept_patches(stride, S, H, W):
+    from laudnet_ops.nn import halo_mask
+
+    Ho, Wo = -(-H // stride), -(-W // stride)
+    gen = torch.Generator().manual_seed(S * 10 + stride)
+    mask = torch.rand(3, -(-Ho // S), -(-Wo // S), generator=gen) < 0.4
+    want = torch.zeros(3, H, W, dtype=torch.bool)
+    for n, py, px in mask.nonzero().tolist():
+        for oy in range(py * S, min((py + 1) * S, Ho)):
+            for ox in range(px * S, min((px + 1) * S, Wo)):
+                # 3x3, padding 1: output (oy, ox) reads input rows stride*oy-1 .. stride*oy+1.
+                want[n, max(0, stride * oy - 1):stride * oy + 2, max(0, stride * ox - 1):stride * ox + 2] = True
+    got = halo_mask(mask, S, stride, (H, W), (Ho, Wo))
+    assert got.dtype == torch.bool and torch.equal(got[:, 0], want)
+    assert torch.equal(halo_mask(mask.float(), S, stride, (H, W), (Ho, Wo))[:, 0], want.float())
 
 
 def test_stats_of_stride_two_halo_and_channel_and_layer():

@@ -41,7 +41,8 @@ def test_with_the_extension_every_paradigm_runs_the_library():
     impl = {c.mode: c.impl for c in cases}
     assert impl == {"dense": val.TORCH, "layer": val.LIBRARY, "channel": val.LIBRARY, "spatial": val.LIBRARY}
     spatial = next(c for c in cases if c.mode == "spatial")
-    assert {"masker-conv1x1", "gather-conv-tiles", "gather-conv-gemm", "scatter-add"} <= _names(spatial)
+    assert {"masker-pool", "masked-conv1x1-gemm", "gather-conv-tiles", "gather-conv-gemm",
+            "scatter-add"} <= _names(spatial)
     channel = next(c for c in cases if c.mode == "channel" and c.keep < 1)
     assert {"conv1-gemm", "conv2-pack", "conv3-gemm"} <= _names(channel)
     layer = next(c for c in cases if c.mode == "layer")
@@ -116,7 +117,7 @@ def test_host_predictions_use_the_cpu_kernels():
     host = get_device("host", calibration=False)
     spec = BlockSpec("t", 256, 64, 256, 28, 28)
     names = {k.name for k in predict_block(spec, host, "spatial", 0.5, 2, 4, rate_kind="keep").kernels}
-    assert {"masker-conv1x1", "masker-cell-sums", "gather-conv-tiles", "gather-conv-gemm"} <= names
+    assert {"masker-pool", "masked-conv1x1-gemm", "gather-conv-tiles", "gather-conv-gemm"} <= names
     names = {k.name for k in predict_block(spec, host, "channel", 0.5, 4, 4, rate_kind="keep").kernels}
     assert {"conv2-weight-slices", "conv2-pack", "conv2-gemm"} <= names
     gpu = {k.name for k in predict_block(spec, get_device("v100"), "spatial", 0.5, 2, 4, rate_kind="keep").kernels}
@@ -135,15 +136,18 @@ def test_cpu_gather_conv_rereads_the_halo_per_position_whatever_s():
     assert tiles(1) == tiles(2) == tiles(4) == 4 * 28 * 28 // 2 * 9 * 64
 
 
-def test_cpu_channel_conv_writes_a_dense_output_and_conv1_stays_dense_in_spatial():
+def test_cpu_channel_conv_writes_a_dense_output_and_spatial_conv1_computes_the_halo_only():
     spec = BlockSpec("t", 256, 64, 256, 28, 28)
     kernels = block_kernels(spec, "channel", 4, 0.25, 4, "fp32", LIBRARY_CPU)
     conv1 = next(k for k in kernels if k.name == "conv1-gemm")
     assert conv1.out_bytes == 4 * 64 * 28 * 28 * 4  # zeros of the inactive channels are written too
     assert conv1.out[1] == 16  # but only the active outputs are computed
     sp = block_kernels(spec, "spatial", 4, 0.25, 4, "fp32", LIBRARY_CPU)
-    masker = next(k for k in sp if k.name == "masker-conv1x1")
-    assert masker.flops == 2 * 4 * 64 * 28 * 28 * 256  # conv1 over every input pixel
+    conv1 = next(k for k in sp if k.name == "masked-conv1x1-gemm")
+    # A compact quarter of the 28x28 map is a 14x14 square; its 3x3 halo reads a 16x16 one.
+    assert conv1.flops == 2 * 4 * 16 * 16 * 64 * 256
+    zeros = next(k for k in sp if k.name == "masked-conv1x1-zeros")
+    assert zeros.out_bytes == 4 * (28 * 28 - 16 * 16) * 64 * 4  # the other pixels' rows are zeroed
 
 
 def test_blas_gemms_use_their_own_efficiency():

@@ -25,7 +25,7 @@ from torch import nn
 
 from ._ops import has_op, op
 from .folding import FoldedWeights
-from .gather_conv import expand_group_mask, expand_patch_mask
+from .gather_conv import expand_group_mask, expand_patch_mask, halo_mask
 from .maskers import ChannelMasker, LayerMasker, SpatialMasker
 from .stats import BlockRecord
 
@@ -38,10 +38,15 @@ EXECUTIONS = ("masked", "sparse")
 # The compiled ops each mode's sparse path calls (dense mode needs none: folded F.conv2d only).
 SPARSE_OPS = {
     "dense": (),
-    "spatial": ("masker_conv1x1", "patch_indices", "gather_conv2d", "conv1x1_scatter_add", "conv1x1_scatter_add_"),
+    "spatial": ("masker_conv1x1", "masked_conv1x1", "patch_indices", "gather_conv2d", "conv1x1_scatter_add",
+                "conv1x1_scatter_add_"),
     "channel": ("channel_gated_conv2d", "channel_gated_conv2d_add_"),
     "layer": ("sample_gather", "sample_scatter_add", "sample_scatter_add_", "sample_scatter_add_pool_"),
 }
+
+# Devices whose spatial blocks run the masker first and conv1 on the read pixels only
+# (_spatial_conv1, channels_last maps): those where masked_conv1x1 has a kernel of its own.
+_MASKED_CONV1_DEVICES = ("cpu",)
 
 
 def missing_sparse_ops(mode: str) -> list:
@@ -238,9 +243,28 @@ class DynamicBlock(nn.Module):
             return F.relu_(op("sample_scatter_add_")(identity, y, sel, "none"))
         return op("sample_scatter_add")(identity, y, sel, "relu")
 
-    def _spatial_mask(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Bool patch mask from the fused masker's logits ``(N, 1, Hp, Wp)``."""
-        return self.masker.decide(logits[:, 0]) > 0
+    def _spatial_conv1(self, x: torch.Tensor, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+        """``(relu(conv1(x)), bool patch mask (N, Hp, Wp))`` for a spatial block, batch norm folded.
+
+        For a channels_last map on the CPU the masker runs first, on ``x`` pooled to the patch grid
+        (one cheap pass), and conv1 then only on the input pixels the kept patches' 3x3 halo reads:
+        the pixels the gather convolution after it reads, no others (``masked_conv1x1``). Elsewhere
+        conv1 runs on every pixel, fused with the masker (``masker_conv1x1``, one read of x): the
+        masked kernel computes in channels_last, so an NCHW map would pay two layout copies, and
+        its GPU kernel is the dense fallback.
+        """
+        S = self.granularity
+        if x.device.type not in _MASKED_CONV1_DEVICES or not _computed_channels_last(x):
+            w, b = self._fold(name, conv, bn, "taps_major")
+            masker = self.masker.conv
+            y1, logits = op("masker_conv1x1")(x, w, b, masker.weight, masker.bias, S, self.stride, "relu")
+            return y1, self.masker.decide(logits[:, 0]) > 0
+        mask = self.masker.decide(self.masker.logits(x)) > 0
+        in_hw = tuple(x.shape[2:])
+        out_hw = tuple(-(-d // self.stride) for d in in_hw)  # the 3x3, padding 1 conv after conv1
+        read = halo_mask(mask, S, self.stride, in_hw, out_hw)[:, 0]
+        w, b = self._fold(name, conv, bn, "taps_major")
+        return op("masked_conv1x1")(x, read, w, b, "relu"), mask
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, granularity={self.granularity}, execution={self.execution!r}"
@@ -328,16 +352,11 @@ class DynamicBottleneck(DynamicBlock):
     def _sparse_spatial(self, x):
         S = self.granularity
         # (Cin, Cout)-ordered weights: the CPU kernels' GEMM operands, read without a copy per call.
-        w1, b1 = self._fold("conv1", self.conv1, self.bn1, "taps_major")
         w2, b2 = self._fold("conv2", self.conv2, self.bn2, "taps_major")
         w3, b3 = self._fold("conv3", self.conv3, self.bn3, _weight_layout(x))
-        masker = self.masker.conv
-        # conv1 runs on every input pixel: the fused masker reads them all anyway, and in a stride-2
-        # block the kept output patches' halos reach input pixels outside any output patch.
-        y1, logits = op("masker_conv1x1")(x, w1, b1, masker.weight, masker.bias, S, self.stride, "relu")
-        mask = self._spatial_mask(x, logits)
-        indices = op("patch_indices")(mask)
         c2 = self.conv2
+        y1, mask = self._spatial_conv1(x, "conv1", self.conv1, self.bn1)
+        indices = op("patch_indices")(mask)
         packed = op("gather_conv2d")(y1, indices, w2, b2, S, self.stride, c2.padding[0], c2.dilation[0],
                                      c2.groups, "relu")
         identity = self._identity(x)
@@ -464,11 +483,8 @@ class DynamicRegNetYBlock(DynamicBlock):
 
     def _sparse_spatial(self, x):
         S = self.granularity
-        (wa, ba), (wb, bb), _ = self._folded_convs()
-        masker = self.masker.conv
-        # conv a on every input pixel: see DynamicBottleneck._sparse_spatial.
-        y1, logits = op("masker_conv1x1")(x, wa, ba, masker.weight, masker.bias, S, self.stride, "relu")
-        mask = self._spatial_mask(x, logits)
+        wb, bb = self._fold("b", self.f.b[0], self.f.b[1])
+        y1, mask = self._spatial_conv1(x, "a", self.f.a[0], self.f.a[1])
         indices = op("patch_indices")(mask)
         b = self.f.b[0]
         packed = op("gather_conv2d")(y1, indices, wb, bb, S, self.stride, b.padding[0], 1, b.groups, "relu")

@@ -12,7 +12,7 @@ from torch import nn
 
 from ._ops import has_op, op
 
-__all__ = ["GatherConv2d", "ChannelGatedConv2d", "expand_patch_mask", "expand_group_mask"]
+__all__ = ["GatherConv2d", "ChannelGatedConv2d", "expand_patch_mask", "expand_group_mask", "halo_mask"]
 
 
 def expand_patch_mask(mask: torch.Tensor, patch_size: int, height: int, width: int) -> torch.Tensor:
@@ -20,6 +20,24 @@ def expand_patch_mask(mask: torch.Tensor, patch_size: int, height: int, width: i
     S = patch_size
     pixels = mask.repeat_interleave(S, dim=1).repeat_interleave(S, dim=2)
     return pixels[:, None, :height, :width]
+
+
+def halo_mask(mask: torch.Tensor, patch_size: int, stride: int, in_hw: tuple, out_hw: tuple) -> torch.Tensor:
+    """``(N, 1, H, W)``: the input pixels that a 3x3 convolution (padding 1, ``stride``) reads to
+    compute the kept ``S x S`` patches of its ``(Ho, Wo)`` output, 1 where read, 0 elsewhere.
+
+    ``mask`` ``(N, Hp, Wp)`` is bool or 0/1 float; a float mask gives a float map that is
+    differentiable in it (the FLOPs accounting of training), a bool mask a bool map.
+    """
+    (H, W), (Ho, Wo) = in_hw, out_hw
+    kept = expand_patch_mask(mask, patch_size, Ho, Wo)
+    # Output (i, j) reads input rows stride*i-1 .. stride*i+1: place each output at stride*i, then
+    # dilate by one pixel. A max keeps it exact for 0/1 masks and differentiable for the loss.
+    spread = kept.new_zeros(kept.shape[0], 1, max(H, Ho * stride), max(W, Wo * stride),
+                            dtype=kept.dtype if kept.dtype.is_floating_point else torch.float32)
+    spread[:, :, : Ho * stride : stride, : Wo * stride : stride] = kept
+    read = F.max_pool2d(spread, 3, 1, 1)[:, :, :H, :W]
+    return read if kept.dtype.is_floating_point else read > 0
 
 
 def expand_group_mask(gates: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -12,8 +12,9 @@ the projection shortcut is dense and the masker is always paid. A block's activa
 FLOPs ratio counts the static stem and head too. Forward stores only the masks; the numbers are
 computed here, on request, and stay differentiable in training so the sparsity loss can use them.
 
-The sparse CPU path computes conv1 on every input pixel (the fused masker reads them all anyway);
-these numbers are the paper's accounting of the ideal computation, not a trace of the kernels.
+The sparse path computes conv1 on just the ``s1`` pixels for channels_last maps on the CPU;
+elsewhere conv1 runs on every pixel, fused with the masker, so there these numbers are the paper's
+accounting of the ideal computation, not a trace of the kernels.
 """
 
 import math
@@ -21,10 +22,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .gather_conv import expand_patch_mask
+from .gather_conv import expand_patch_mask, halo_mask
 
 __all__ = ["BlockRecord", "stats", "sparsity_loss", "dilated_density"]
 
@@ -42,13 +42,7 @@ class BlockRecord:
 
 def dilated_density(mask: torch.Tensor, patch_size: int, stride: int, in_hw: tuple, out_hw: tuple) -> torch.Tensor:
     """Per-sample fraction of input pixels that the 3x3 halo (padding 1) of the kept outputs reads."""
-    (H, W), (Ho, Wo) = in_hw, out_hw
-    kept = expand_patch_mask(mask, patch_size, Ho, Wo)
-    # Output (i, j) reads input rows stride*i-1 .. stride*i+1: place each output at stride*i, then
-    # dilate by one pixel. A max keeps it exact for 0/1 masks and differentiable for the loss.
-    spread = kept.new_zeros(kept.shape[0], 1, max(H, Ho * stride), max(W, Wo * stride))
-    spread[:, :, : Ho * stride : stride, : Wo * stride : stride] = kept
-    return F.max_pool2d(spread, 3, 1, 1)[:, :, :H, :W].mean((1, 2, 3))
+    return halo_mask(mask, patch_size, stride, in_hw, out_hw).mean((1, 2, 3))
 
 
 def _densities(record: BlockRecord) -> tuple:

@@ -1,8 +1,10 @@
 """Argument checks of the spatial-skipping convolutions, mirroring csrc/spatial_conv.h.
 
-Used by the fake kernels of gather_conv2d and masker_conv1x1, which run under
+Used by the fake kernels of gather_conv2d, masker_conv1x1 and masked_conv1x1, which run under
 torch.compile and torch.export where the C++ checks do not.
 """
+
+import torch
 
 from . import _checks
 
@@ -80,9 +82,24 @@ def check_masker_args(x, weight, bias, mask_weight, mask_bias, patch_size, strid
     return mask_grid(x.shape[2], x.shape[3], window)
 
 
+def check_masked_conv_args(x, mask, weight, bias, activation):
+    """Checks masked_conv1x1's arguments."""
+    op = "masked_conv1x1"
+    _checks.check_dim(x, 4, op, "x")
+    _checks.check_floating(x, op, "x")
+    _check_1x1_weight(weight, x, op, "weight", "Cout")
+    check_bias(bias, x, weight.shape[0], op, "bias")
+    _checks.check_same(x, mask, "device", op, "x", "mask")
+    _checks.check(mask.dtype == torch.bool, op, f"mask must be a bool tensor, got {mask.dtype}")
+    N, _, H, W = x.shape
+    _checks.check(mask.dim() == 3 and mask.shape[0] == N and mask.shape[1] == H and mask.shape[2] == W, op,
+                  f"mask must have shape (N, H, W) = ({N}, {H}, {W}), got {list(mask.shape)}")
+    _checks.check_activation(activation, op)
+
+
 def mask_grid(H, W, window):
     """(ceil(H / window), ceil(W / window)), also for symbolic sizes."""
     return (H + window - 1) // window, (W + window - 1) // window
 
 
-__all__ = ["check_bias", "check_gather_conv_args", "check_masker_args", "conv_output_size", "mask_grid"]
+__all__ = ["check_bias", "check_gather_conv_args", "check_masker_args", "check_masked_conv_args", "conv_output_size", "mask_grid"]

@@ -69,8 +69,8 @@ class Schedule:
                    PyTorch eager mode runs them).
     shared_gates:  channel mode with gates shared by the batch: weights sliced once, then dense convs.
     layout:        "nchw" or "nhwc" (decides the length of scattered accesses).
-    cpu_kernels:   price the library's ops as its CPU kernels run them (csrc/cpu): conv1 dense for every
-                   pixel with the masker's cell sums from cache, gather-conv as per-position receptive-field
+    cpu_kernels:   price the library's ops as its CPU kernels run them (csrc/cpu): the masker's pooling
+                   pass, conv1 on the gathered pixel rows the kept halos read, gather-conv as per-position receptive-field
                    copies + GEMM, channel-gated convs per sample (weight slices, packed active channels,
                    dense-size output).  ``predict_block`` sets it for CPU devices.
     """
@@ -381,10 +381,11 @@ def channel_kernels(spec: BlockSpec, n: int, group_size: int, keep: float, dtype
 
 def _spatial_cpu_kernels(spec: BlockSpec, n: int, s: int, kept: int, hp: int, wp: int, dtype: str,
                          sched: Schedule) -> list[Kernel]:
-    """The spatial block on the library's CPU kernels: masker_conv1x1 (conv1 for every input pixel),
-    threshold, patch_indices, gather_conv2d (3x3), the 1x1 conv on the packed patches, scatter_add_ in
-    place."""
-    kernels = ops.masker_conv1x1_cpu(n, spec.cin, spec.width, spec.h, spec.w, dtype, s, spec.stride)
+    """The spatial block on the library's CPU kernels: the masker (pool + 1x1 conv), threshold,
+    masked_conv1x1 (conv1 on the input pixels the kept patches' halo reads), patch_indices, gather_conv2d
+    (3x3), the 1x1 conv on the packed patches, scatter_add_ in place."""
+    read = dilated_density(kept / (n * hp * wp), spec.h) if kept else 0.0
+    kernels = ops.masked_conv1x1_cpu(n, spec.cin, spec.width, spec.h, spec.w, read, dtype, s, spec.stride)
     if not sched.fuse_epilogue:
         kernels.append(ops.elementwise("masker-threshold", (n, 1, hp, wp), 1, 1, dtype))
     kernels.append(ops.patch_indices(n, hp, wp, kept))

@@ -235,19 +235,23 @@ def _gemm(name: str, rows_p: int, cout: int, rows: int, k_elems: float, dtype: s
                   weight_per_sample=weight_per_sample)
 
 
-def masker_conv1x1_cpu(n: int, cin: int, cout: int, h: int, w: int, dtype: str = "fp32", patch: int = 1,
-                       stride: int = 1, masks: int = 1) -> list[Kernel]:
-    """masker_conv1x1 on the CPU (channels_last): per band chunk one GEMM writes y (bias + ReLU in place),
-    then x's pixels, still in L2, are summed into their mask cells (Cin adds per pixel) and one dot
-    product per cell gives the logit.  conv1 is computed densely for every input pixel.  The dot products
-    are scalar reductions over Cin (one dependent chain per cell and mask channel): negligible at large S,
-    a real cost at S = 1, where every pixel is a cell."""
+def masked_conv1x1_cpu(n: int, cin: int, cout: int, h: int, w: int, read: float, dtype: str = "fp32",
+                       patch: int = 1, stride: int = 1) -> list[Kernel]:
+    """The CPU spatial block's masker and conv1 (channels_last): the masker pools x to the patch grid (one
+    read of x) and projects each cell; then masked_conv1x1 gathers the ``read`` fraction of pixel rows (the
+    kept patches' 3x3 halo) into per-thread buffers, one GEMM writes them (bias + ReLU from L1), and the
+    other pixels' rows are zeroed."""
+    b = DTYPE_BYTES[dtype]
     window = patch * stride
-    cells = n * math.ceil(h / window) * math.ceil(w / window)
-    return [conv2d("masker-conv1x1", n, cin, cout, h, w, 1, 1, dtype=dtype),
-            _part(elementwise("masker-cell-sums", (n, cin, h, w), 1, 1, dtype), in_bytes=0.0, out_bytes=0.0),
-            _part(Kernel(name="masker-cell-dots", out=(cells, masks, 1, 1), macs=0.0, dtype_bytes=DTYPE_BYTES[dtype],
-                         dtype=dtype, serial_ops=cin))]
+    hq, wq = math.ceil(h / window), math.ceil(w / window)
+    rows = max(0, int(round(read * n * h * w)))
+    gather = _part(gather_rows("masked-conv1x1-rows", rows, cin, cin, dtype), other_bytes=0.0)
+    return [pool("masker-pool", n, cin, h, w, window, window, dtype),
+            conv2d("masker-conv", n, cin, 1, hq, wq, 1, 1, dtype=dtype),
+            dataclasses.replace(gather, launches=1),
+            _gemm("masked-conv1x1-gemm", 1, cout, rows, cin, dtype, in_bytes=0.0, w_bytes=cin * cout * b,
+                  out_bytes=rows * cout * b),
+            _part(elementwise("masked-conv1x1-zeros", (n * h * w - rows, 1, 1, cout), 0, 0, dtype))]
 
 
 def gather_conv2d_cpu(patches: int, cin: int, cout: int, patch: int, k: int, stride: int, groups: int,

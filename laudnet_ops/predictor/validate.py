@@ -4,9 +4,10 @@ Each case is a callable block implementation plus the kernel list the predictor 
 schedule.  When the compiled extension loads, every paradigm runs the library's ops (label
 ``laudnet_ops``), glued by PyTorch eager code, channels_last throughout:
 
-* spatial: ``masker_conv1x1`` (conv1 and the masker from one read of x) -> ``patch_indices`` ->
-  ``gather_conv2d`` (3x3) -> the 1x1 conv on the packed patches (``F.conv2d`` on (P, C, S, S)) ->
-  ``scatter_add_`` in place;
+* spatial: the masker (average pool + 1x1 conv) -> ``masked_conv1x1`` (conv1 on the input pixels the
+  kept patches' 3x3 halo reads) -> ``patch_indices`` -> ``gather_conv2d`` (3x3) -> the 1x1 conv on the
+  packed patches (``F.conv2d`` on (P, C, S, S)) -> ``scatter_add_`` in place; the kept patches form one
+  compact region per image, as the predictor's halo model assumes;
 * channel: ``channel_gated_conv2d`` for conv1 and conv2, ``channel_gated_conv2d_add_`` for conv3 with the
   residual add and ReLU fused, with per-sample random gates (every sample keeps the same number of
   groups, different ones);
@@ -137,7 +138,7 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 #: The ops each paradigm's library implementation needs.
 LIBRARY_NEEDS = {
-    "spatial": ("masker_conv1x1", "patch_indices", "gather_conv2d", "scatter_add_"),
+    "spatial": ("masked_conv1x1", "patch_indices", "gather_conv2d", "scatter_add_"),
     "channel": ("channel_gated_conv2d", "channel_gated_conv2d_add_"),
     "layer": ("sample_gather", "sample_scatter_add_"),
 }
@@ -316,27 +317,41 @@ def _weights(spec: BlockSpec, dev: str):
             _tensor(spec.cout, spec.width, 1, 1, device=dev))
 
 
+def _compact_patches(n: int, hp: int, wp: int, kept: int, dev: str):
+    """(n, hp, wp) bool: ``kept`` patches spread over the images, each image keeping those nearest its
+    centre -- the one compact region per image that the predictor's halo model assumes."""
+    import torch
+
+    ys, xs = torch.meshgrid(torch.arange(hp), torch.arange(wp), indexing="ij")
+    order = (((ys - (hp - 1) / 2) ** 2 + (xs - (wp - 1) / 2) ** 2).flatten()).argsort(stable=True)
+    mask = torch.zeros(n, hp * wp, dtype=torch.bool)
+    for i in range(n):
+        mask[i, order[:kept // n + (i < kept % n)]] = True
+    return mask.view(n, hp, wp).to(dev)
+
+
 def _build_spatial_library(spec: BlockSpec, n: int, patch: int, kept: int,
                            lib: dict[str, Callable[..., Any]]) -> Callable[[str], Callable[[], object]]:
-    """masker_conv1x1 -> patch_indices -> gather_conv2d -> 1x1 conv on the packed patches -> scatter_add_."""
+    """masker (pool + 1x1 conv) -> masked_conv1x1 on the halo -> patch_indices -> gather_conv2d -> 1x1 conv
+    on the packed patches -> scatter_add_."""
     def build(dev: str):
-        import torch
         import torch.nn.functional as F
+        from laudnet_ops.nn import halo_mask
 
         s = patch
         hp, wp = math.ceil(spec.ho / s), math.ceil(spec.wo / s)
         x = _tensor(n, spec.cin, spec.h, spec.w, device=dev, channels_last=True)
         w1, w2, w3 = _weights(spec, dev)
         wm = _tensor(1, spec.cin, 1, 1, device=dev)
-        mask = torch.zeros(n * hp * wp, dtype=torch.bool, device=dev)
-        mask[_choice(n * hp * wp, kept, 3, dev)] = True  # prescribed decisions: the rate under test
-        mask = mask.view(n, hp, wp)
-        masker, indices = lib["masker_conv1x1"], lib["patch_indices"]
+        mask = _compact_patches(n, hp, wp, kept, dev)  # prescribed decisions: the rate under test
+        window = s * spec.stride
+        masked_conv, indices = lib["masked_conv1x1"], lib["patch_indices"]
         gather_conv, scatter = lib["gather_conv2d"], lib["scatter_add_"]
 
         def run():
-            y1, logits = masker(x, w1, None, wm, None, s, spec.stride, "relu")
-            logits > 0  # the masker's decision (prescribed above)
+            F.conv2d(F.avg_pool2d(x, window, window, ceil_mode=True), wm) > 0  # the masker (decision prescribed)
+            read = halo_mask(mask, s, spec.stride, (spec.h, spec.w), (spec.ho, spec.wo))[:, 0]
+            y1 = masked_conv(x, read, w1, None, "relu")
             idx = indices(mask)
             y2 = gather_conv(y1, idx, w2, None, s, spec.stride, 1, 1, spec.groups, "relu")
             return scatter(x, F.conv2d(y2, w3), idx, "relu")  # x: the block's input is its residual
