@@ -385,6 +385,9 @@ class Measurer:
         # layer branch, the unfused composites) want them; the fused kernels repack weights anyway.
         block = prepare(self.block(model, spec, mode, gran), mode, keep).to(memory_format=torch.channels_last)
         x = block_input(spec, batch or self.batch, self.device, self.dtype, True)
+        # A schedule with a fusion switched off is a row of the paper's ablation, built from
+        # masker_conv1x1 or its composite; the fully fused one is the library's default path.
+        block.conv1_on_halo = False if unfused else None
         with unfused_ops(unfused):
             ms = time_ms(same_masks_every_call(block, lambda: block(x)), self.min_run_time, self.device)
         return ms, realised_keep(block)

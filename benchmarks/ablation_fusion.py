@@ -8,7 +8,9 @@ Schedules (rows): ``none`` -- every step unfused (separate masker pool + conv ne
 gathered into a buffer, then a dense conv; residual rows gathered, added, activated and scattered back);
 ``+masker``, ``+gather``, ``+scatter`` -- that one fusion on; ``all`` -- the library's fused path.
 Measured: the library's spatial block (``laudnet_ops.nn``, eval, sparse path) with the unfused
-composites of ``laudnet_ops.unfused`` swapped in for the ops whose fusion is off. Predicted: the latency
+composites of ``laudnet_ops.unfused`` swapped in for the ops whose fusion is off; those rows compute
+conv1 on every pixel (``masker_conv1x1`` or its composite), while ``all`` is the library's default path
+(on a CPU, conv1 on the kept patches' halo after a separate masker). Predicted: the latency
 predictor with ``Schedule(fuse_masker=..., fuse_gather=..., fuse_scatter=...)``. The measuring machine
 is the CPU unless a GPU is visible (``--measure``); speed-ups are over the fully unfused block, in one run.
 """

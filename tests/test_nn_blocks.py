@@ -204,6 +204,30 @@ def test_sparse_spatial_conv1_reads_only_the_halo(monkeypatch, kind, stride, gra
 
 
 @pytest.mark.parametrize("kind", ["bottleneck", "regnet"])
+@pytest.mark.parametrize("on_halo", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv1_on_halo_chooses_the_first_conv(monkeypatch, kind, on_halo, channels_last):
+    # Either conv1 schedule, forced against the layout's default, gives the masked path's output.
+    import laudnet_ops.nn.blocks as blocks
+
+    needs_sparse_ops("spatial")
+    calls = []
+    real_op = blocks.op
+    monkeypatch.setattr(blocks, "op", lambda name: calls.append(name) or real_op(name))
+    block = _blocks(kind, "spatial", 2, 2, force_keep=0.4).eval()
+    x = F.relu(torch.randn(2, 16, 13, 10))
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    set_execution(block, "masked")
+    set_force_keep(block, 0.4, seed=4)
+    expected = block(x)
+    block.conv1_on_halo = on_halo
+    set_execution(block, "sparse")
+    set_force_keep(block, 0.4, seed=4)
+    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-4)
+    assert calls[0] == ("masked_conv1x1" if on_halo else "masker_conv1x1")
+
+
+@pytest.mark.parametrize("kind", ["bottleneck", "regnet"])
 @pytest.mark.parametrize("mode,granularity", MODE_CASES[1:])
 @pytest.mark.parametrize("execution", ["masked", "sparse"])
 def test_force_keep_zero_leaves_the_shortcut(kind, mode, granularity, execution):

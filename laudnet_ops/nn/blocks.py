@@ -44,8 +44,8 @@ SPARSE_OPS = {
     "layer": ("sample_gather", "sample_scatter_add", "sample_scatter_add_", "sample_scatter_add_pool_"),
 }
 
-# Devices whose spatial blocks run the masker first and conv1 on the read pixels only
-# (_spatial_conv1, channels_last maps): those where masked_conv1x1 has a kernel of its own.
+# Devices whose spatial blocks run the masker first and conv1 on the read pixels only by default
+# (conv1_on_halo, channels_last maps): those where masked_conv1x1 has a kernel of its own.
 _MASKED_CONV1_DEVICES = ("cpu",)
 
 
@@ -87,6 +87,10 @@ class DynamicBlock(nn.Module):
         # Set by a model on blocks whose input it owns and knows is post-ReLU: the sparse path may
         # then add the residual branch into the input in place.
         self.owns_activated_input = False
+        # Spatial mode, sparse path: conv1 only on the input pixels the kept patches' halo reads, after a
+        # separate masker (True), or on every pixel fused with the masker (False); None picks the
+        # former for channels_last maps on the CPU, where it is faster (see _spatial_conv1).
+        self.conv1_on_halo: Optional[bool] = None
         self._folded = FoldedWeights()
         self._laud_record: Optional[BlockRecord] = None
         kw = dict(force_keep=force_keep)
@@ -246,15 +250,19 @@ class DynamicBlock(nn.Module):
     def _spatial_conv1(self, x: torch.Tensor, name: str, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
         """``(relu(conv1(x)), bool patch mask (N, Hp, Wp))`` for a spatial block, batch norm folded.
 
-        For a channels_last map on the CPU the masker runs first, on ``x`` pooled to the patch grid
-        (one cheap pass), and conv1 then only on the input pixels the kept patches' 3x3 halo reads:
-        the pixels the gather convolution after it reads, no others (``masked_conv1x1``). Elsewhere
-        conv1 runs on every pixel, fused with the masker (``masker_conv1x1``, one read of x): the
-        masked kernel computes in channels_last, so an NCHW map would pay two layout copies, and
-        its GPU kernel is the dense fallback.
+        With ``conv1_on_halo`` (by default for a channels_last map on the CPU) the masker runs first,
+        on ``x`` pooled to the patch grid (one cheap pass), and conv1 then only on the input pixels
+        the kept patches' 3x3 halo reads: the pixels the gather convolution after it reads, no
+        others (``masked_conv1x1``). Otherwise conv1 runs on every pixel, fused with the masker
+        (``masker_conv1x1``, one read of x). Not the default elsewhere: the masked kernel computes in
+        channels_last, so an NCHW map would pay two layout copies, and its GPU kernel is the dense
+        fallback.
         """
         S = self.granularity
-        if x.device.type not in _MASKED_CONV1_DEVICES or not _computed_channels_last(x):
+        on_halo = self.conv1_on_halo
+        if on_halo is None:
+            on_halo = x.device.type in _MASKED_CONV1_DEVICES and _computed_channels_last(x)
+        if not on_halo:
             w, b = self._fold(name, conv, bn, "taps_major")
             masker = self.masker.conv
             y1, logits = op("masker_conv1x1")(x, w, b, masker.weight, masker.bias, S, self.stride, "relu")
