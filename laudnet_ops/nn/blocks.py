@@ -403,7 +403,10 @@ class _SqueezeExcitation(nn.Module):
 
     def scale(self, pooled: torch.Tensor) -> torch.Tensor:
         """``(N, C, 1, 1)`` channel scale from the ``(N, C, 1, 1)`` pooled map."""
-        return torch.sigmoid(self.fc2(F.relu(self.fc1(pooled))))
+        # The 1x1 convs as matrix products: PyTorch runs a convolution of a 1x1 map on its slow
+        # reference path.
+        h = F.relu(F.linear(pooled.flatten(1), self.fc1.weight.flatten(1), self.fc1.bias))
+        return torch.sigmoid(F.linear(h, self.fc2.weight.flatten(1), self.fc2.bias))[:, :, None, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale(x.mean((2, 3), keepdim=True))
@@ -514,7 +517,7 @@ class DynamicRegNetYBlock(DynamicBlock):
         G = self.granularity
         gates = self._channel_gates(x, means)
         gated = op("channel_gated_conv2d")
-        (wa, ba), (wb, bb), (wc, bc) = self._folded_convs()
+        (wa, ba), (wb, bb), (wc, bc) = self._folded_convs(_weight_layout(x))
         b = self.f.b[0]
         y = gated(x, wa, ba, None, gates, G, activation="relu")
         y = gated(y, wb, bb, gates, gates, G, b.stride[0], b.padding[0], 1, b.groups, "relu")
