@@ -145,23 +145,24 @@ def test_sparse_in_place_residual_when_the_block_owns_its_input(kind, mode, gran
     torch.testing.assert_close(block(x.clone()), expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.fixture
+def op_calls(monkeypatch):
+    """The names of the compiled ops the blocks fetch (all through ``blocks.op``), in order."""
+    import laudnet_ops.nn.blocks as blocks
+
+    calls = []
+    real_op = blocks.op
+    monkeypatch.setattr(blocks, "op", lambda name: calls.append(name) or real_op(name))
+    return calls
+
+
 @pytest.mark.parametrize("kind", ["bottleneck", "regnet"])
 @pytest.mark.parametrize("owns_input", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_sparse_spatial_fuses_the_last_conv_with_the_scatter(monkeypatch, kind, owns_input, channels_last):
+def test_sparse_spatial_fuses_the_last_conv_with_the_scatter(op_calls, kind, owns_input, channels_last):
     # The sparse spatial path ends in conv1x1_scatter_add (in place when the block owns its input),
     # and no (P, Cout, S, S) conv3 output is made: the op list is exactly the fused pipeline.
-    import laudnet_ops.nn.blocks as blocks
-
     needs_sparse_ops("spatial")
-    calls = []
-    real_op = blocks.op
-
-    def recording_op(name):
-        calls.append(name)
-        return real_op(name)
-
-    monkeypatch.setattr(blocks, "op", recording_op)
     block = _blocks(kind, "spatial", 3, 1, force_keep=0.2).eval()
     block.owns_activated_input = owns_input
     x = F.relu(torch.randn(2, 16, 24, 21))
@@ -172,7 +173,7 @@ def test_sparse_spatial_fuses_the_last_conv_with_the_scatter(monkeypatch, kind, 
     last = "conv1x1_scatter_add_" if owns_input and block._projection() is None else "conv1x1_scatter_add"
     # conv1 of a channels_last map runs on the pixels the kept patches' halos read, else fused with the masker.
     first = "masked_conv1x1" if channels_last else "masker_conv1x1"
-    assert calls == [first, "patch_indices", "gather_conv2d", last]
+    assert op_calls == [first, "patch_indices", "gather_conv2d", last]
 
 
 @pytest.mark.parametrize("kind", ["bottleneck", "regnet"])
@@ -180,16 +181,15 @@ def test_sparse_spatial_fuses_the_last_conv_with_the_scatter(monkeypatch, kind, 
 @pytest.mark.parametrize("granularity", [1, 2, 3])
 @pytest.mark.parametrize("keep", [0.1, 0.4, 1.0])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_sparse_spatial_conv1_reads_only_the_halo(monkeypatch, kind, stride, granularity, keep, channels_last):
-    # conv1 on just the input pixels the kept patches' 3x3 halo reads (masked_conv1x1): the gather
-    # convolution after it must find every value it reads, so sparse = masked.
-    import laudnet_ops.nn.blocks as blocks
-
+@pytest.mark.parametrize("on_halo", [None, False, True])
+def test_sparse_spatial_conv1_on_the_halo_or_every_pixel(op_calls, kind, stride, granularity, keep, channels_last,
+                                                         on_halo):
+    # conv1 on just the input pixels the kept patches' 3x3 halo reads (masked_conv1x1; by default for
+    # channels_last maps), or on every pixel fused with the masker: either way the gather convolution
+    # after it finds every value it reads, so sparse = masked.
     needs_sparse_ops("spatial")
-    calls = []
-    real_op = blocks.op
-    monkeypatch.setattr(blocks, "op", lambda name: calls.append(name) or real_op(name))
     block = _blocks(kind, "spatial", granularity, stride).eval()
+    block.conv1_on_halo = on_halo
     x = F.relu(torch.randn(2, 16, 17, 14))
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     set_force_keep(block, keep, seed=3)
@@ -197,34 +197,10 @@ def test_sparse_spatial_conv1_reads_only_the_halo(monkeypatch, kind, stride, gra
     expected = block(x)
     set_force_keep(block, keep, seed=3)
     set_execution(block, "sparse")
-    calls.clear()
     got = block(x.clone(memory_format=torch.preserve_format))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-    assert calls[0] == ("masked_conv1x1" if channels_last else "masker_conv1x1")
-
-
-@pytest.mark.parametrize("kind", ["bottleneck", "regnet"])
-@pytest.mark.parametrize("on_halo", [False, True])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_conv1_on_halo_chooses_the_first_conv(monkeypatch, kind, on_halo, channels_last):
-    # Either conv1 schedule, forced against the layout's default, gives the masked path's output.
-    import laudnet_ops.nn.blocks as blocks
-
-    needs_sparse_ops("spatial")
-    calls = []
-    real_op = blocks.op
-    monkeypatch.setattr(blocks, "op", lambda name: calls.append(name) or real_op(name))
-    block = _blocks(kind, "spatial", 2, 2, force_keep=0.4).eval()
-    x = F.relu(torch.randn(2, 16, 13, 10))
-    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    set_execution(block, "masked")
-    set_force_keep(block, 0.4, seed=4)
-    expected = block(x)
-    block.conv1_on_halo = on_halo
-    set_execution(block, "sparse")
-    set_force_keep(block, 0.4, seed=4)
-    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-4)
-    assert calls[0] == ("masked_conv1x1" if on_halo else "masker_conv1x1")
+    halo = channels_last if on_halo is None else on_halo
+    assert op_calls[0] == ("masked_conv1x1" if halo else "masker_conv1x1")
 
 
 @pytest.mark.parametrize("kind", ["bottleneck", "regnet"])
