@@ -160,8 +160,9 @@ def op_calls(monkeypatch):
 @pytest.mark.parametrize("owns_input", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_sparse_spatial_fuses_the_last_conv_with_the_scatter(op_calls, kind, owns_input, channels_last):
-    # The sparse spatial path ends in conv1x1_scatter_add (in place when the block owns its input),
-    # and no (P, Cout, S, S) conv3 output is made: the op list is exactly the fused pipeline.
+    # The sparse spatial path ends in conv1x1_scatter_add (in place when the block owns its input or
+    # adds into its own projection output), and no (P, Cout, S, S) conv3 output is made: the op list
+    # is exactly the fused pipeline.
     needs_sparse_ops("spatial")
     block = _blocks(kind, "spatial", 3, 1, force_keep=0.2).eval()
     block.owns_activated_input = owns_input
@@ -170,7 +171,8 @@ def test_sparse_spatial_fuses_the_last_conv_with_the_scatter(op_calls, kind, own
     set_execution(block, "sparse")
     set_force_keep(block, 0.2, seed=2)
     block(x.clone(memory_format=torch.preserve_format))
-    last = "conv1x1_scatter_add_" if owns_input and block._projection() is None else "conv1x1_scatter_add"
+    in_place = owns_input or block._projection() is not None
+    last = "conv1x1_scatter_add_" if in_place else "conv1x1_scatter_add"
     # conv1 of a channels_last map runs on the pixels the kept patches' halos read, else fused with the masker.
     first = "masked_conv1x1" if channels_last else "masker_conv1x1"
     assert op_calls == [first, "patch_indices", "gather_conv2d", last]

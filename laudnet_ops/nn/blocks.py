@@ -212,6 +212,10 @@ class DynamicBlock(nn.Module):
         owns a post-ReLU input."""
         if self._in_place_residual():
             return op("conv1x1_scatter_add_")(identity, packed, indices, weight, bias, "relu")
+        if self._projection() is not None:
+            # The identity is this block's own projection output: add into it, then one ReLU pass (as
+            # _scatter_layer does), rather than write a second full map.
+            return F.relu_(op("conv1x1_scatter_add_")(identity, packed, indices, weight, bias, "none"))
         return op("conv1x1_scatter_add")(identity, packed, indices, weight, bias, "relu")
 
     def _sparse_layer(self, x, means=None, want_means=False):
