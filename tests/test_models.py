@@ -194,12 +194,15 @@ def test_chain_of_pooled_maps_matches_masked(net, mode, layout, decisions):
     torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
 
 
-def test_torch_compile_of_a_model_in_eval_runs():
-    # Eval runs the sparse path where its ops are built, the masked path otherwise.
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_compile_of_a_model_in_eval_runs(channels_last):
+    # Eval runs the sparse path where its ops are built (on channels_last maps conv1 on the halo),
+    # the masked path otherwise.
     model = LaudResNet((1, 1, 1, 1), mode="spatial", granularity=2, num_classes=10).eval()
     if missing_sparse_ops("spatial"):
         set_execution(model, "masked")
     x = _input(size=32)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     with torch.no_grad():
         set_force_keep(model, 0.5, seed=0)
         expected = model(x)
