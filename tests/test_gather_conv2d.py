@@ -108,10 +108,12 @@ def taps_major(w):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last", "taps_major"])
 @pytest.mark.parametrize("S, stride", [(1, 1), (2, 2), (4, 1)])
-def test_wide_reduction(device, weight_layout, S, stride):
-    # k*k*Cin above the CPU kernel's per-thread GEMM limit: the chunked multi-threaded product path,
-    # with every weight layout it reads without a copy, two chunks at stride 1, and border patches.
-    x, idx, w, b, conv = make_case(2, 240, 24, 29, 31, 3, S, 0.6, stride, device=device, seed=11)
+@pytest.mark.parametrize("Cin", [240, 460])
+def test_wide_reduction(device, weight_layout, S, stride, Cin):
+    # Long reductions k*k*Cin on the CPU: 2160, which the per-thread micro-kernel GEMM cuts into
+    # blocks, and 4140, above its limit: the chunked multi-threaded product path (two chunks at
+    # stride 1); every weight layout read without a copy, border patches.
+    x, idx, w, b, conv = make_case(2, Cin, 24, 29, 31, 3, S, 0.6, stride, device=device, seed=11)
     w_in = taps_major(w) if weight_layout == "taps_major" else to_layout(w, weight_layout)
     for layout in ("contiguous", "channels_last"):
         got = laudnet_ops.gather_conv2d(to_layout(x, layout), idx, w_in, b, **conv)

@@ -78,6 +78,14 @@ def test_halo_masks_of_large_maps(device, S, keep):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("keep", [0.5, 1.0])
+def test_long_reduction(device, keep):
+    # Cin = 1100: the CPU GEMM cuts the reduction into blocks, accumulating into the same rows.
+    x, mask, w, b = make_case(2, 1100, 70, 9, 11, keep, device=device, seed=6)
+    check(to_layout(x, "channels_last"), mask, w, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_dropped_pixels_are_zero_whatever_x_holds(device):
     x, mask, w, b = make_case(2, 4, 3, 5, 6, 0.5, device=device, seed=4)
     x[~mask[:, None].expand_as(x)] = float("nan")

@@ -32,6 +32,10 @@ namespace cpu {
 
 constexpr int64_t kGemmBlockM = 64;
 constexpr int64_t kGemmBlockN = 64;
+// Reductions longer than this are cut into equal blocks of at most this many: a 64-row block of A
+// and a 64-column panel of B over the whole of a long K (3x3 over 256+ channels, 1x1 over 2048) no
+// longer fit L2 together. Shorter ones are not cut: each block costs one more pass over C.
+constexpr int64_t kGemmBlockK = 1024;
 
 // accumulate: C += A . B instead of C = A . B.
 template <typename scalar_t>
@@ -41,11 +45,15 @@ void gemm_rowmajor(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t l
 #if LAUDNET_OPS_HAVE_BRGEMM
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (K > 0) {
+      const int64_t block_k = (K + (K + kGemmBlockK - 1) / kGemmBlockK - 1) / ((K + kGemmBlockK - 1) / kGemmBlockK);
       for (int64_t m0 = 0; m0 < M; m0 += kGemmBlockM) {
         for (int64_t n0 = 0; n0 < N; n0 += kGemmBlockN) {
-          at::native::cpublas::brgemm(std::min(kGemmBlockM, M - m0), std::min(kGemmBlockN, N - n0), K, ld_a, ld_b,
-                                      ld_c, /*add_C=*/accumulate, A + m0 * ld_a, B + n0, C + m0 * ld_c + n0,
-                                      /*is_vnni=*/false);
+          for (int64_t k0 = 0; k0 < K; k0 += block_k) {
+            at::native::cpublas::brgemm(std::min(kGemmBlockM, M - m0), std::min(kGemmBlockN, N - n0),
+                                        std::min(block_k, K - k0), ld_a, ld_b, ld_c,
+                                        /*add_C=*/accumulate || k0 > 0, A + m0 * ld_a + k0, B + k0 * ld_b + n0,
+                                        C + m0 * ld_c + n0, /*is_vnni=*/false);
+          }
         }
       }
       return;
