@@ -18,7 +18,7 @@ namespace laudnet_ops {
 namespace {
 
 // Devices without a kernel of their own (CUDA): the dense convolution, then the mask. Same checks and
-// result as the CPU kernel, at dense cost.
+// result as the CPU kernel, at dense cost. Tested on the CPU by dispatching to it; not yet run on a GPU.
 at::Tensor masked_conv1x1_dense(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, c10::string_view activation) {
   const char* op = "masked_conv1x1";

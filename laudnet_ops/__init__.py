@@ -21,7 +21,8 @@ if extension_error is None:
     from .ops import patch_indices, scatter_add, scatter_add_  # noqa: F401
     from .ops import channel_gated_conv2d, channel_gated_conv2d_add_  # noqa: F401
     from .ops import sample_gather, sample_scatter_add, sample_scatter_add_, sample_scatter_add_pool_  # noqa: F401
-    from .ops import gather_conv2d, masker_conv1x1, masked_conv1x1, conv1x1_scatter_add, conv1x1_scatter_add_  # noqa: F401
+    from .ops import gather_conv2d, masker_conv1x1, masked_conv1x1  # noqa: F401
+    from .ops import conv1x1_scatter_add, conv1x1_scatter_add_  # noqa: F401
 
 
 def __getattr__(name):

@@ -45,7 +45,8 @@ void gemm_rowmajor(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t l
 #if LAUDNET_OPS_HAVE_BRGEMM
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (K > 0) {
-      const int64_t block_k = (K + (K + kGemmBlockK - 1) / kGemmBlockK - 1) / ((K + kGemmBlockK - 1) / kGemmBlockK);
+      const int64_t k_blocks = (K + kGemmBlockK - 1) / kGemmBlockK;
+      const int64_t block_k = (K + k_blocks - 1) / k_blocks;
       for (int64_t m0 = 0; m0 < M; m0 += kGemmBlockM) {
         for (int64_t n0 = 0; n0 < N; n0 += kGemmBlockN) {
           for (int64_t k0 = 0; k0 < K; k0 += block_k) {

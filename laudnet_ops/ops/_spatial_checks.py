@@ -102,4 +102,5 @@ def mask_grid(H, W, window):
     return (H + window - 1) // window, (W + window - 1) // window
 
 
-__all__ = ["check_bias", "check_gather_conv_args", "check_masker_args", "check_masked_conv_args", "conv_output_size", "mask_grid"]
+__all__ = ["check_bias", "check_gather_conv_args", "check_masker_args", "check_masked_conv_args", "conv_output_size",
+           "mask_grid"]

@@ -70,9 +70,9 @@ class Schedule:
     shared_gates:  channel mode with gates shared by the batch: weights sliced once, then dense convs.
     layout:        "nchw" or "nhwc" (decides the length of scattered accesses).
     cpu_kernels:   price the library's ops as its CPU kernels run them (csrc/cpu): the masker's pooling
-                   pass, conv1 on the gathered pixel rows the kept halos read, gather-conv as per-position receptive-field
-                   copies + GEMM, channel-gated convs per sample (weight slices, packed active channels,
-                   dense-size output).  ``predict_block`` sets it for CPU devices.
+                   pass, conv1 on the gathered pixel rows the kept halos read, gather-conv as per-position
+                   receptive-field copies + GEMM, channel-gated convs per sample (weight slices, packed
+                   active channels, dense-size output).  ``predict_block`` sets it for CPU devices.
     """
 
     fuse_masker: bool = True
