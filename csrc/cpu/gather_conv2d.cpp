@@ -36,7 +36,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 
 #include "../activation.h"
 #include "../spatial_conv.h"
@@ -132,22 +131,16 @@ void gather_rows_nhwc(const scalar_t* x, const int32_t* idx, int64_t p0, int64_t
 template <typename scalar_t, Activation A>
 void epilogue_nhwc(scalar_t* out, const scalar_t* bias, const int32_t* idx, int64_t p0, int64_t p1,
                    const GatherConvGeometry& g) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t S = g.S, C = g.Cout;
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t oy0 = idx[3 * p + 1] * S, ox0 = idx[3 * p + 2] * S;
     for (int64_t i = 0; i < S; ++i) {
       for (int64_t j = 0; j < S; ++j) {
         scalar_t* px = out + ((p * S + i) * S + j) * C;
-        if (oy0 + i >= g.Ho || ox0 + j >= g.Wo) {
+        if (oy0 + i >= g.Ho || ox0 + j >= g.Wo)
           std::fill(px, px + C, scalar_t(0));
-        } else if constexpr (std::is_same_v<scalar_t, float>) {
-          cpu::bias_act_floats(px, bias, C, A == Activation::kRelu);
-        } else if (bias != nullptr) {
-          for (int64_t c = 0; c < C; ++c) px[c] = activate<A>(acc_t(px[c]) + acc_t(bias[c]));
-        } else if (A != Activation::kNone) {
-          for (int64_t c = 0; c < C; ++c) px[c] = activate<A>(acc_t(px[c]));
-        }
+        else
+          cpu::bias_act(px, bias, C, A == Activation::kRelu);
       }
     }
   }

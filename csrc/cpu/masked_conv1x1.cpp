@@ -11,13 +11,11 @@
 // whole, in place. A contiguous x is first copied to channels_last, like the
 // other spatial kernels, and the result copied back.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 #include "../activation.h"
@@ -33,16 +31,6 @@ constexpr int64_t kChunkRows = 256;
 // A chunk whose pixels are at least this fraction kept is computed whole, dropped pixels included
 // (then zeroed): gathering and scattering its rows would cost more than the few rows it saves.
 constexpr int64_t kDenseNumerator = 7, kDenseDenominator = 8;
-
-template <typename scalar_t, Activation A>
-void bias_act_row(scalar_t* v, const scalar_t* bias, int64_t len) {
-  using acc_t = at::opmath_type<scalar_t>;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    cpu::bias_act_floats(v, bias, len, A == Activation::kRelu);
-  } else {
-    for (int64_t k = 0; k < len; ++k) v[k] = activate<A>(acc_t(v[k]) + (bias ? acc_t(bias[k]) : acc_t(0)));
-  }
-}
 
 // A run of consecutive pixels [p0, p1) holding `kept` kept pixels: one task's share of the map.
 struct PixelChunk {
@@ -93,7 +81,7 @@ void masked_conv_nhwc(const scalar_t* x, const bool* mask, const scalar_t* wt, c
                                 [&](int64_t b0, int64_t n) {
                                   for (int64_t r = b0; r < b0 + n; ++r) {
                                     if (mask[c.p0 + r])
-                                      bias_act_row<scalar_t, A>(dst + r * g.Cout, bias, g.Cout);
+                                      cpu::bias_act(dst + r * g.Cout, bias, g.Cout, A == Activation::kRelu);
                                     else
                                       std::fill_n(dst + r * g.Cout, g.Cout, scalar_t(0));
                                   }
@@ -114,7 +102,7 @@ void masked_conv_nhwc(const scalar_t* x, const bool* mask, const scalar_t* wt, c
       cpu::gemm_rowmajor_rows(c.kept, g.Cout, g.Cin, rows_in, g.Cin, wt, g.Cout, tile, g.Cout,
                               [&](int64_t b0, int64_t n) {
                                 for (int64_t r = b0; r < b0 + n; ++r) {
-                                  bias_act_row<scalar_t, A>(tile + r * g.Cout, bias, g.Cout);
+                                  cpu::bias_act(tile + r * g.Cout, bias, g.Cout, A == Activation::kRelu);
                                   std::copy_n(tile + r * g.Cout, g.Cout, y + px[r] * g.Cout);
                                 }
                               });

@@ -106,21 +106,6 @@ void bias_act(scalar_t* v, int64_t len, const scalar_t* bias_or_null, int64_t bi
   }
 }
 
-// Float32 takes the CPU-dispatched loops of vec_loops.h; the other types these generic ones.
-template <typename scalar_t, Activation A>
-void bias_act_row(scalar_t* v, int64_t len, const scalar_t* bias) {
-  bias_act<scalar_t, A>(v, len, bias, 1);
-}
-template <>
-void bias_act_row<float, Activation::kRelu>(float* v, int64_t len, const float* bias) {
-  cpu::bias_act_floats(v, bias, len, /*relu=*/true);
-}
-template <>
-void bias_act_row<float, Activation::kNone>(float* v, int64_t len, const float* bias) {
-  cpu::bias_act_floats(v, bias, len, /*relu=*/false);
-}
-
-
 template <typename acc_t, typename scalar_t>
 acc_t dot(const acc_t* a, const scalar_t* b, int64_t n) {
   acc_t sum = 0;
@@ -168,7 +153,7 @@ void masker_nhwc(const MaskerTensors& t, const MaskerGeometry& g) {
       cpu::gemm_rowmajor_rows(pixels, g.Cout, g.Cin, xp, g.Cin, wt.data_ptr<scalar_t>(), g.Cout, yp, g.Cout,
                               [&](int64_t r0, int64_t rows) {
                                 for (int64_t r = r0; r < r0 + rows; ++r)
-                                  bias_act_row<scalar_t, A>(yp + r * g.Cout, g.Cout, bias);
+                                  cpu::bias_act(yp + r * g.Cout, bias, g.Cout, A == Activation::kRelu);
                                 for (int64_t r = r0; r < r0 + rows;) {
                                   const int64_t h = c.h0 + r / g.W, w = r % g.W;
                                   const int64_t cell = (h / g.window - c.qy0) * g.Wq + qx_of[w];

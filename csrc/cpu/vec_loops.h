@@ -7,6 +7,8 @@
 // GEMM and cost 10-15% of a 1x1 convolution on an AVX-512 machine.
 #pragma once
 
+#include <ATen/OpMathType.h>
+
 #include <cstdint>
 
 namespace laudnet_ops {
@@ -50,6 +52,19 @@ void accumulate2(acc_t* dst, const scalar_t* a, const scalar_t* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] += acc_t(a[i]) + acc_t(b[i]);
 }
 inline void accumulate2(float* dst, const float* a, const float* b, int64_t n) { add2_floats(dst, a, b, n); }
+
+// v[i] = act(v[i] + bias[i]) for any element type, in its wider math type; bias may be null.
+// float32 takes the dispatched loop above.
+template <typename scalar_t>
+void bias_act(scalar_t* v, const scalar_t* bias, int64_t n, bool relu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (bias == nullptr && !relu) return;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t x = bias != nullptr ? acc_t(v[i]) + acc_t(bias[i]) : acc_t(v[i]);
+    v[i] = scalar_t(relu && x < acc_t(0) ? acc_t(0) : x);  // keeps NaN, like torch.relu
+  }
+}
+inline void bias_act(float* v, const float* bias, int64_t n, bool relu) { bias_act_floats(v, bias, n, relu); }
 
 }  // namespace cpu
 }  // namespace laudnet_ops
