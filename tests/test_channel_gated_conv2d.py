@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -46,6 +50,9 @@ SHAPES = [
     (2, 8, 8, 5, 5, 3, 1, dict(padding=1, groups=4)),
     (2, 4, 4, 4, 3, 3, 4, {}),
     (1, 4, 8, 1, 1, 1, 4, {}),
+    # Groups of more than 16 output channels take the per-group products; narrower ones (above) the
+    # dense grouped convolution, then the gates.
+    (2, 48, 40, 6, 5, 3, 4, dict(padding=1, groups=2)),
 ]
 KEEPS = [(None, None), (1.0, 1.0), (0.0, 0.0), (0.5, None), (None, 0.5), (0.5, 0.5), (0.0, 1.0)]
 
@@ -81,6 +88,27 @@ def test_inactive_outputs_are_exact_zeros(device, activation, bias):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation", ["relu", "none"])
+def test_narrow_groups_keep_off_channels_out(device, layout, activation):
+    # RegNetY-like groups of 8 channels: an off input channel holding NaN or Inf reaches nothing, and
+    # off output channels are exact zeros whatever the bias.
+    x, w, b, gin, gout = make_case(3, 32, 32, 7, 6, 3, 4, 0.5, 0.5, groups=4, device=device, seed=11)
+    x = x.clone()
+    off_in = ~gin.repeat_interleave(4, dim=1)
+    x[off_in] = float("nan")
+    x[:, :, 0, 0][off_in] = float("inf")
+    got = laudnet_ops.channel_gated_conv2d(to_layout(x, layout), w, b, gin, gout, 4, padding=1, groups=4,
+                                           activation=activation)
+    want = reference.channel_gated_conv2d(x.masked_fill(off_in[:, :, None, None], 0), w, b, gin, gout, 4,
+                                          padding=1, groups=4, activation=activation)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want)
+    off_out = ~gout.repeat_interleave(4, dim=1)
+    assert (got.permute(0, 2, 3, 1)[off_out[:, None, None, :].expand(-1, 7, 6, -1)] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_strided_input_and_mixed_samples(device):
     # A non-contiguous x, and a batch whose samples range from all-off to all-on.
     x, w, b, _, _ = make_case(4, 8, 8, 7, 7, 3, 4, None, None, device=device, seed=6)
@@ -113,6 +141,43 @@ def test_small_map_many_outputs(device, shape, keeps):
         x, w, b, gin, gout = case
         got, want = run_both((to_layout(x, layout), w, b, gin, gout), G, **conv)
         torch.testing.assert_close(got, want.float())
+
+
+def check_channels_last_epilogues():
+    """The channels_last float32 kernel places each pixel's kept output channels with a vector loop
+    chosen for the CPU: wide groups (several 16-channel words and a partial one), with and without
+    bias and activation, written fresh and added into a residual."""
+    for Cout, G, groups in ((100, 4, 1), (136, 4, 1), (48, 2, 2)):
+        case = make_case(3, 24, Cout, 5, 6, 1, G, None, 0.5, groups=groups, seed=Cout)
+        x, w, b, gin, gout = case
+        x = to_layout(x, "channels_last")
+        for bias in (b, None):
+            for activation in ("relu", "none"):
+                got = laudnet_ops.channel_gated_conv2d(x, w, bias, gin, gout, G, groups=groups, activation=activation)
+                want = reference.channel_gated_conv2d(x.double(), w.double(), None if bias is None else bias.double(),
+                                                      gin, gout, G, groups=groups, activation=activation)
+                torch.testing.assert_close(got, want.float())
+                res = to_layout(torch.randn(want.shape, generator=torch.Generator().manual_seed(1)), "channels_last")
+                want = reference.channel_gated_conv2d_add(
+                    res.double(), x.double(), w.double(), None if bias is None else bias.double(), gin, gout, G,
+                    groups=groups, activation=activation)
+                laudnet_ops.channel_gated_conv2d_add_(res, x, w, bias, gin, gout, G, groups=groups,
+                                                      activation=activation)
+                torch.testing.assert_close(res, want.float())
+
+
+@pytest.mark.parametrize("capability", [None, "default"])
+def test_channels_last_epilogue_on_every_cpu(capability):
+    # ATEN_CPU_CAPABILITY=default holds the loop to its portable form, as it holds ATen's kernels.
+    if capability is None:
+        check_channels_last_epilogues()
+        return
+    code = "import test_channel_gated_conv2d as t; t.check_channels_last_epilogues()"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability,
+           "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tests)
+    assert out.returncode == 0, out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -20,16 +20,15 @@ void add_floats(float* dst, const float* src, int64_t n);
 void add2_floats(float* dst, const float* a, const float* b, int64_t n);
 // v[i] = act(v[i] + bias[i]); bias may be null; relu keeps NaN like torch.relu.
 void bias_act_floats(float* v, const float* bias, int64_t n, bool relu);
-// dst[idx[i]] = act(src[i] + bias[i]) (indices unique): a pixel's active channels into place.
-// src is scratch: it is overwritten with the activated values.
-void scatter_bias_act_floats(float* dst, float* src, const int32_t* idx, const float* bias, int64_t n,
-                             bool relu);
-// The same for runs of 4 consecutive channels: dst[place4[u] + k] = act(src[4u + k] + bias[4u + k]).
-void scatter4_bias_act_floats(float* dst, float* src, const int32_t* place4, const float* bias,
-                              int64_t units, bool relu);
-// dst[idx[i]] += src[i] (indices unique), and the same for runs of 4: dst[place4[u] + k] += src[4u + k].
-void scatter_add_floats(float* dst, const float* src, const int32_t* idx, int64_t n);
-void scatter4_add_floats(float* dst, const float* src, const int32_t* place4, int64_t units);
+// Rows of a channel-gated output, each `channels` values of a channels_last pixel: the kept channels
+// (bit c % 16 of keep[c / 16]) take act(src[j] + bias[c]) in order, j counting the kept channels,
+// and the others 0. With accumulate, dst holds a residual: act(dst[c] + src[j] + bias[c]) on the kept
+// channels and act(dst[c]) on the others. src rows hold the kept channels only, ld_src apart; bias
+// (length channels) may be null. Each row of dst is written once, 16 channels at a time.
+void expand_bias_act_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows,
+                          const uint16_t* keep, const float* bias, int64_t channels, bool relu, bool accumulate);
+// dst[i] = act(src[i]) where keep[i] != 0, else 0 (also where src[i] is NaN or Inf); dst may be src.
+void gate_floats(float* dst, const float* src, const float* keep, int64_t n, bool relu);
 // dst[i] = act(res[i] + v[i] + bias[i]); bias may be null; dst may be res (in place) but no
 // other overlap.
 void residual_bias_act_floats(float* dst, const float* res, const float* v, const float* bias, int64_t n,
