@@ -78,6 +78,11 @@ class SequentialBlasGuard {
 // channels 7 tiles of 112 pixels.
 constexpr int64_t kColBudget = 262144;
 
+// The smallest tile a map is cut into to give idle threads work: each tile's thread gathers the
+// sample's whole weight slice, which below about this many pixels costs more than the product
+// saves (a 7x7 map of 2048 -> 512 channels measured 1.3x slower cut in two, 1.05x whole).
+constexpr int64_t kMinTileRows = 64;
+
 // Below about this many (dense) FLOPs a chunk of work is not worth a thread.
 constexpr int64_t kMinParallelFlops = 1 << 22;
 
@@ -171,6 +176,11 @@ class ChannelConv {
     const int64_t k_dense = std::max<int64_t>(1, g.cin_g() * KK_);
     const int64_t want = std::max<int64_t>(16, kColBudget / k_dense);
     ntiles_ = std::max<int64_t>(1, ceil_div(HWo_, want));
+    // Fewer samples than threads (batch 1): cut each map into at least one tile per thread, of at
+    // least kMinTileRows pixels, instead of leaving threads idle.
+    const int64_t threads = at::get_num_threads();
+    if (g.N < threads)
+      ntiles_ = std::max(ntiles_, std::min(ceil_div(threads, std::max<int64_t>(1, g.N)), HWo_ / kMinTileRows));
     T_ = std::max<int64_t>(1, ceil_div(HWo_, ntiles_));
     ntiles_ = std::max<int64_t>(1, ceil_div(HWo_, T_));
   }
