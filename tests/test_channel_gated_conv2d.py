@@ -180,6 +180,29 @@ def test_channels_last_epilogue_on_every_cpu(capability):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+WEIGHT_LAYOUTS = {
+    "contiguous": lambda w: w.contiguous(),
+    "channels_last": lambda w: w.contiguous(memory_format=torch.channels_last),
+    # the blocks' folded-weight layout, (ky, kx, Cin, Cout) in memory, read without a copy
+    "taps_major": lambda w: w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1),
+    "strided": lambda w: torch.stack([w, w], dim=-1)[..., 0],
+}
+
+
+@pytest.mark.parametrize("weight_layout", list(WEIGHT_LAYOUTS))
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_weight_memory_layouts(weight_layout, groups, layout):
+    # Every weight layout is re-laid (or viewed) into the operand the kernel multiplies by.
+    case = make_case(2, 40, 36, 7, 6, 3, 2, 0.5, 0.5, groups=groups, seed=13)
+    x, w, b, gin, gout = case
+    w_in = WEIGHT_LAYOUTS[weight_layout](w)
+    assert torch.equal(w_in, w)
+    got = laudnet_ops.channel_gated_conv2d(to_layout(x, layout), w_in, b, gin, gout, 2, padding=1, groups=groups)
+    want = reference.channel_gated_conv2d(x.double(), w.double(), b.double(), gin, gout, 2, padding=1, groups=groups)
+    torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("keeps", [(0.5, 0.5), (None, 0.5), (None, None)], ids=lambda k: f"{k[0]}-{k[1]}")
 def test_one_sample_split_over_threads(layout, keeps):

@@ -42,6 +42,7 @@
 #include "../channel_geometry.h"
 #include "row_gemm.h"
 #include "vec_loops.h"
+#include "weight_layout.h"
 
 // MKL's Fortran-convention setter (argument by pointer), exported by
 // libtorch_cpu when torch is built with MKL. Weak, so a torch without it still
@@ -606,12 +607,8 @@ void run_channel_conv(const ConvGeometry& g, const at::Tensor& x, const at::Tens
   const at::MemoryFormat layout = feature_layout(x);
   const bool nhwc = layout == at::MemoryFormat::ChannelsLast;
   const at::Tensor src = x.contiguous(layout);
-  // channels_last packs (ky, kx, ci) and multiplies by [K, Cout_g] per group: arranged once per call.
-  const at::Tensor w = nhwc ? weight.permute({0, 2, 3, 1})
-                                  .reshape({g.groups, g.cout_g(), g.cin_g() * g.KH * g.KW})
-                                  .transpose(1, 2)
-                                  .contiguous()
-                            : weight.contiguous();
+  // channels_last packs (ky, kx, ci) and multiplies by [K, Cout_g] per group.
+  const at::Tensor w = nhwc ? cpu::taps_major_weight(weight, g.groups) : weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor gin = in_gates.has_value() ? in_gates->contiguous() : at::Tensor();
   const at::Tensor gout = out_gates.has_value() ? out_gates->contiguous() : at::Tensor();

@@ -42,6 +42,7 @@
 #include "patch_grid.h"
 #include "row_gemm.h"
 #include "vec_loops.h"
+#include "weight_layout.h"
 
 namespace laudnet_ops {
 namespace {
@@ -200,11 +201,9 @@ void gather_conv_per_thread(const scalar_t* xp, const int32_t* idx, const scalar
 // takes either orientation), else a copy.
 at::Tensor taps_by_channels(const at::Tensor& weight, const GatherConvGeometry& g) {
   const int64_t rows = g.K * g.K * g.Cin;
-  const at::Tensor taps_major = weight.permute({2, 3, 1, 0});
-  if (taps_major.is_contiguous()) return taps_major.reshape({rows, g.Cout});
   const at::Tensor per_output = weight.permute({0, 2, 3, 1});
   if (per_output.is_contiguous()) return per_output.reshape({g.Cout, rows}).t();
-  return taps_major.contiguous().view({rows, g.Cout});
+  return cpu::taps_major_weight(weight, 1).view({rows, g.Cout});
 }
 
 // Wide reductions (groups == 1): chunk after chunk, gathered and finished by all
@@ -240,7 +239,6 @@ void gather_conv_wide(const scalar_t* xp, const int32_t* idx, const at::Tensor& 
 template <typename scalar_t, Activation A>
 void gather_conv_nhwc(const at::Tensor& x, const at::Tensor& idx_t, const at::Tensor& weight,
                       const scalar_t* bias, const GatherConvGeometry& g, at::Tensor& packed) {
-  const int64_t K = g.K, KKCg = K * K * g.Cg;
   // channels_last (P, Cout, S, S) is (P*S*S, Cout) row-major: the GEMM writes into it directly.
   const bool direct = packed.is_contiguous(at::MemoryFormat::ChannelsLast);
   const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -250,10 +248,8 @@ void gather_conv_nhwc(const at::Tensor& x, const at::Tensor& idx_t, const at::Te
     gather_conv_wide<scalar_t, A>(xp, idx, taps_by_channels(weight, g), bias, g, x.options(), direct, out_p);
     return;
   }
-  // (G, k*k*Cg, Cog): row (kh, kw, c) of group grp multiplies gathered column (grp, kh, kw, c). A copy
-  // unless the weight already lies that way (the blocks keep their folded weights so).
-  const at::Tensor wt = weight.view({g.groups, g.Cog, g.Cg, K, K}).permute({0, 3, 4, 2, 1}).contiguous()
-                            .view({g.groups, KKCg, g.Cog});
+  // (G, k*k*Cg, Cog): row (kh, kw, c) of group grp multiplies gathered column (grp, kh, kw, c).
+  const at::Tensor wt = cpu::taps_major_weight(weight, g.groups);
   gather_conv_per_thread<scalar_t, A>(xp, idx, wt.data_ptr<scalar_t>(), bias, g, x.options(), direct, out_p);
 }
 
