@@ -521,10 +521,15 @@ class DynamicRegNetYBlock(DynamicBlock):
         G = self.granularity
         gates = self._channel_gates(x, means)
         gated = op("channel_gated_conv2d")
+        from ..ops.channel_gated_conv2d import runs_dense_grouped  # the sparse path has the extension
+
         (wa, ba), (wb, bb), (wc, bc) = self._folded_convs(_weight_layout(x))
         b = self.f.b[0]
         y = gated(x, wa, ba, None, gates, G, activation="relu")
-        y = gated(y, wb, bb, gates, gates, G, b.stride[0], b.padding[0], 1, b.groups, "relu")
+        # y is exactly 0 on its off channels, so conv b's in_gates only ever skip work; where the op
+        # runs a dense grouped convolution they would skip none and cost a gated copy of y instead.
+        in_gates = None if runs_dense_grouped(y, b.out_channels, b.groups) else gates
+        y = gated(y, wb, bb, in_gates, gates, G, b.stride[0], b.padding[0], 1, b.groups, "relu")
         y = y.mul_(self.f.se.scale(y.mean((2, 3), keepdim=True)))
         self._record(x, tuple(y.shape[2:]), gates)
         return self._gated_residual_add(x, y, wc, bc, gates, want_means)
