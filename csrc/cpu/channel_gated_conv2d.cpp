@@ -664,6 +664,7 @@ void run_channel_conv(const ConvGeometry& g, const at::Tensor& x, const at::Tens
 // (half of the gate groups on, in and out) measured 1.5-3x slower than oneDNN's dense grouped
 // convolution, at batch 1 and 8. There the dense convolution runs on the gated input and the off
 // output channels are zeroed afterwards: about the dense cost, instead of a multiple of it.
+// laudnet_ops/_cpu_dispatch.py holds the same rule for the blocks and the latency predictor.
 bool dense_grouped_is_faster(const ConvGeometry& g, const at::Tensor& x) {
   return g.groups > 1 && g.cout_g() <= 16 &&
          (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._ops import has_op, op
+from .._cpu_dispatch import runs_dense_grouped
 from .folding import FoldedWeights
 from .gather_conv import expand_group_mask, expand_patch_mask, halo_mask
 from .maskers import ChannelMasker, LayerMasker, SpatialMasker
@@ -521,8 +522,6 @@ class DynamicRegNetYBlock(DynamicBlock):
         G = self.granularity
         gates = self._channel_gates(x, means)
         gated = op("channel_gated_conv2d")
-        from ..ops.channel_gated_conv2d import runs_dense_grouped  # the sparse path has the extension
-
         (wa, ba), (wb, bb), (wc, bc) = self._folded_convs(_weight_layout(x))
         b = self.f.b[0]
         y = gated(x, wa, ba, None, gates, G, activation="relu")

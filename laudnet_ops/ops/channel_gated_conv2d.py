@@ -11,17 +11,6 @@ IntPair = Union[int, Sequence[int]]
 _OP = "channel_gated_conv2d"
 _OP_ADD = "channel_gated_conv2d_add_"
 
-# On the CPU, grouped convolutions of at most this many output channels per group run as the dense
-# grouped convolution of the gated input, then the output gates (the per-group products would be at
-# most one vector wide). The CPU kernel's dense_grouped_is_faster holds the same number.
-CPU_DENSE_GROUP_WIDTH = 16
-
-
-def runs_dense_grouped(x: torch.Tensor, out_channels: int, groups: int) -> bool:
-    """Whether :func:`channel_gated_conv2d` computes this convolution as a dense grouped one on the
-    gated input: then ``in_gates`` skip no work, and cost a gated copy of ``x``."""
-    return x.device.type == "cpu" and groups > 1 and out_channels // groups <= CPU_DENSE_GROUP_WIDTH
-
 
 def _pair(v: IntPair) -> Tuple[int, ...]:
     return (int(v), int(v)) if isinstance(v, int) else tuple(int(e) for e in v)

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .._cpu_dispatch import dense_grouped
 from . import operators as ops
 from ._util import check_rate, choice_error, normalize_dtype
 from .devices import Device
@@ -411,8 +412,11 @@ def _channel_cpu_kernels(spec: BlockSpec, n: int, g: int, kept_c: int, dtype: st
     keep = kept_c / spec.width
     kernels = ops.channel_gated_conv2d_cpu("conv1", n, spec.cin, spec.width, spec.h, spec.w, 1, 1, 1, g,
                                            1.0, keep, dtype)
+    # conv1's output is already zero on the off channels: the block gives a conv run as a dense grouped
+    # one no input gates to apply (laudnet_ops.nn's RegNetY channel block).
+    keep_in = 1.0 if dense_grouped(spec.width, spec.groups) else keep
     kernels += ops.channel_gated_conv2d_cpu("conv2", n, spec.width, spec.width, spec.h, spec.w, 3, spec.stride,
-                                            spec.groups, g, keep, keep, dtype)
+                                            spec.groups, g, keep_in, keep, dtype)
     if spec.se:
         kernels += _se_kernels("", n, spec.width, (n, spec.width, ho, wo), spec.se, dtype, sched)
     kernels += ops.channel_gated_conv2d_cpu("conv3", n, spec.width, spec.cout, ho, wo, 1, 1, 1, g,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from .._cpu_dispatch import dense_grouped
 from ._util import DTYPE_BYTES, choice_error
 from .tiles import Kernel
 
@@ -295,9 +296,18 @@ def channel_gated_conv2d_cpu(name: str, n: int, cin: int, cout: int, h: int, w: 
     output pixels im2col-packs the active input channel runs (not for a 1x1 conv reading every input
     channel: the GEMM reads x directly); one MKL GEMM per (sample, tile) computes the active outputs; with
     some outputs off the epilogue writes every output channel of y (zeros for the inactive ones), so
-    the output bytes stay dense."""
+    the output bytes stay dense. Narrow grouped convolutions run dense instead, between gating passes."""
     b = DTYPE_BYTES[dtype]
     ho, wo = conv_out(h, k, stride, padding), conv_out(w, k, stride, padding)
+    if dense_grouped(cout, groups):  # the dense grouped convolution, then the gates
+        kernels = []
+        if keep_in < 1.0:
+            kernels.append(_part(elementwise(f"{name}-gate-input", (n, cin, h, w), 1, 1, dtype)))
+        kernels.append(conv2d(f"{name}-dense-grouped", n, cin, cout, h, w, k, stride, groups, dtype,
+                              padding=padding))
+        if keep_out < 1.0:
+            kernels.append(_part(elementwise(f"{name}-gate-output", (n, cout, ho, wo), 1, 1, dtype)))
+        return kernels
     cin_k = min(cin, max(0, int(round(keep_in * cin))))
     cout_k = min(cout, max(0, int(round(keep_out * cout))))
     taps = k * k
