@@ -176,7 +176,9 @@ def test_channels_last_epilogue_on_every_cpu(capability):
     tests = os.path.dirname(os.path.abspath(__file__))
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability,
            "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tests)
+    # From the repository root, as the other subprocess tests: the package imports as it does here.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(tests))
     assert out.returncode == 0, out.stderr[-3000:]
 
 

@@ -17,6 +17,9 @@
 // channels_last multiplies the packed tile by a weight slice stored
 // [K, active outputs], the row-major B operand the micro-kernel takes.
 //
+// Grouped convolutions of at most 16 output channels per group are the exception: they run as
+// oneDNN's dense grouped convolution between gating passes (dense_grouped_is_faster).
+//
 // Each thread's GEMMs must run single-threaded: PyTorch turns MKL's dynamic
 // threading off, so an MKL call inside an OpenMP region would open a nested
 // team per call and oversubscribe the cores (measured 10-20x slower on 2

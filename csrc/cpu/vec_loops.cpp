@@ -7,9 +7,6 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#endif
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LAUDNET_OPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define LAUDNET_OPS_CLONES

@@ -4,7 +4,9 @@
 // The extension is built for the baseline x86-64 instruction set so that it
 // runs anywhere; the GEMMs it calls are JIT-compiled for the CPU, so without
 // this the bias/activation and pooling passes ran at 4 lanes beside a 16-lane
-// GEMM and cost 10-15% of a 1x1 convolution on an AVX-512 machine.
+// GEMM and cost 10-15% of a 1x1 convolution on an AVX-512 machine. The one
+// loop a compiler cannot vectorise, expand_bias_act_rows, is written with
+// AVX-512 intrinsics and picked at run time, with a portable loop beside it.
 #pragma once
 
 #include <ATen/OpMathType.h>
