@@ -276,6 +276,12 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.laudnet_ops.channel_gated_conv2d.default, args)
         torch.library.opcheck(torch.ops.laudnet_ops.channel_gated_conv2d.default,
                               (x, w, None, None, gout, 2, [1, 1], [0, 0], [1, 1], 1, "none"))
+        # narrow groups: the dense grouped convolution between gating passes
+        x, w, b, gin, gout = make_case(2, 8, 8, 5, 5, 3, 2, 0.5, 0.5, groups=2, dtype=torch.float64, seed=15)
+        x = to_layout(x, layout)
+        args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), gin, gout, 2, [2, 1], [1, 1], [1, 1], 2,
+                "relu")
+        torch.library.opcheck(torch.ops.laudnet_ops.channel_gated_conv2d.default, args)
 
 
 def test_compile_fullgraph():
