@@ -361,8 +361,10 @@ class ChannelConv {
       cpu::gemm_rowmajor_rows(
           T, nout, K, cols, ld_cols, ws.wptr[grp], nout, acc, g_.Cout,
           [&](int64_t r0, int64_t rows) {
-            epilogue_in_place<A>(grp, acc + r0 * g_.Cout, g_.Cout, rows);
-            if (sums) pool_pixels(acc + r0 * g_.Cout, rows, nout, sums + grp * g_.cout_g());
+            if (!sums) return epilogue_in_place<A>(grp, acc + r0 * g_.Cout, g_.Cout, rows);
+            const scalar_t* b = bias_ ? bias_ + grp * g_.cout_g() : nullptr;
+            for (int64_t r = r0; r < r0 + rows; ++r)  // finished and pooled in one pass
+              cpu::bias_act_sum(acc + r * g_.Cout, b, sums + grp * g_.cout_g(), nout, A == Activation::kRelu);
           },
           /*accumulate=*/accumulate_);
       return;
@@ -494,10 +496,7 @@ class ChannelConv {
     const int64_t Cout_g = g_.cout_g();
     const scalar_t* b = bias_ ? bias_ + grp * Cout_g : nullptr;
     if (kChannelsLast) {
-      for (int64_t t = 0; t < T; ++t) {
-        scalar_t* px = acc + t * ld_acc;
-        for (int64_t c = 0; c < Cout_g; ++c) px[c] = activate<A>(b ? px[c] + b[c] : px[c]);
-      }
+      for (int64_t t = 0; t < T; ++t) cpu::bias_act(acc + t * ld_acc, b, Cout_g, A == Activation::kRelu);
     } else {
       for (int64_t c = 0; c < Cout_g; ++c) {
         scalar_t* row = acc + c * ld_acc;

@@ -86,6 +86,23 @@ LAUDNET_OPS_CLONES void residual_bias_act_floats(float* dst, const float* res, c
   }
 }
 
+LAUDNET_OPS_CLONES void bias_act_sum_floats(float* __restrict__ v, const float* __restrict__ bias,
+                                            float* __restrict__ sum, int64_t n, bool relu) {
+  if (bias != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float t = relu ? act<true>(v[i] + bias[i]) : v[i] + bias[i];
+      v[i] = t;
+      sum[i] += t;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const float t = relu ? act<true>(v[i]) : v[i];
+      v[i] = t;
+      sum[i] += t;
+    }
+  }
+}
+
 LAUDNET_OPS_CLONES void residual_act_sum_floats(float* __restrict__ r, const float* __restrict__ v,
                                                 float* __restrict__ sum, int64_t n, bool relu) {
   if (relu) {

@@ -35,6 +35,9 @@ void gate_floats(float* dst, const float* src, const float* keep, int64_t n, boo
 // other overlap.
 void residual_bias_act_floats(float* dst, const float* res, const float* v, const float* bias, int64_t n,
                               bool relu);
+// v[i] = act(v[i] + bias[i]) and sum[i] += v[i]; bias may be null: a finished pixel pooled in the
+// same pass.
+void bias_act_sum_floats(float* v, const float* bias, float* sum, int64_t n, bool relu);
 // r[i] = act(r[i] + v[i]) and sum[i] += r[i]: one pixel of a residual update that also pools it.
 void residual_act_sum_floats(float* r, const float* v, float* sum, int64_t n, bool relu);
 // sum of a[i] * b[i]
@@ -66,6 +69,16 @@ void bias_act(scalar_t* v, const scalar_t* bias, int64_t n, bool relu) {
   }
 }
 inline void bias_act(float* v, const float* bias, int64_t n, bool relu) { bias_act_floats(v, bias, n, relu); }
+
+// bias_act, then sum[i] += v[i], in one pass; float32 takes the dispatched loop above.
+template <typename scalar_t, typename acc_t>
+void bias_act_sum(scalar_t* v, const scalar_t* bias, acc_t* sum, int64_t n, bool relu) {
+  bias_act(v, bias, n, relu);
+  accumulate(sum, v, n);
+}
+inline void bias_act_sum(float* v, const float* bias, float* sum, int64_t n, bool relu) {
+  bias_act_sum_floats(v, bias, sum, n, relu);
+}
 
 }  // namespace cpu
 }  // namespace laudnet_ops
