@@ -55,3 +55,18 @@ def to_layout(t, layout):
         wide[..., ::2] = t
         return wide[..., ::2]
     raise ValueError(layout)
+
+
+def assert_raises_on(fn, args, message, fake=False):
+    """``fn(*args)`` raises a RuntimeError matching ``message``; with ``fake``, on fake copies of the
+    tensors, so the op's fake kernel (torch.compile, torch.export) is held to the same check."""
+    if not fake:
+        with pytest.raises(RuntimeError, match=message):
+            fn(*args)
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(RuntimeError, match=message):
+            fn(*args)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import laudnet_ops
 from laudnet_ops import reference, unfused
 
-from helpers import DEVICES, TOL, device_dtype_params, random_mask, to_layout
+from helpers import DEVICES, TOL, assert_raises_on, device_dtype_params, random_mask, to_layout
 
 
 def out_size(size, k, stride, padding, dilation):
@@ -296,16 +296,7 @@ INDEX_ERROR_CASES = [
 def test_errors(name, mutate, message, fake):
     args = mutate(_valid())
     fn = torch.ops.laudnet_ops.gather_conv2d.default
-    if fake:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        with FakeTensorMode() as mode:
-            args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-            with pytest.raises(RuntimeError, match=message):
-                fn(*args)
-    else:
-        with pytest.raises(RuntimeError, match=message):
-            fn(*args)
+    assert_raises_on(fn, args, message, fake)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import laudnet_ops
 from laudnet_ops import reference
 
-from helpers import DEVICES, TOL, device_dtype_params, random_mask, to_layout
+from helpers import DEVICES, TOL, assert_raises_on, device_dtype_params, random_mask, to_layout
 
 OP = torch.ops.laudnet_ops.masked_conv1x1.default
 
@@ -200,16 +200,7 @@ def test_errors(name, mutate, message, fake):
     args = _valid()
     args.update({k: f(args) for k, f in mutate.items()})
     args = [args[k] for k in ("x", "mask", "weight", "bias", "activation")]
-    if fake:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        with FakeTensorMode() as mode:
-            args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-            with pytest.raises(RuntimeError, match=message):
-                OP(*args)
-    else:
-        with pytest.raises(RuntimeError, match=message):
-            OP(*args)
+    assert_raises_on(OP, args, message, fake)
 
 
 @pytest.mark.cuda

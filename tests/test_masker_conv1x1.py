@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import laudnet_ops
 from laudnet_ops import reference, unfused
 
-from helpers import DEVICES, TOL, device_dtype_params, to_layout
+from helpers import DEVICES, TOL, assert_raises_on, device_dtype_params, to_layout
 
 
 def make_case(N, Cin, Cout, M, H, W, bias=True, mask_bias=True, dtype=torch.float32, device="cpu", seed=0):
@@ -238,16 +238,7 @@ ERROR_CASES = [
 def test_errors(name, mutate, message, fake):
     args = mutate(_valid())
     fn = torch.ops.laudnet_ops.masker_conv1x1.default
-    if fake:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        with FakeTensorMode() as mode:
-            args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-            with pytest.raises(RuntimeError, match=message):
-                fn(*args)
-    else:
-        with pytest.raises(RuntimeError, match=message):
-            fn(*args)
+    assert_raises_on(fn, args, message, fake)
 
 
 @pytest.mark.cuda
