@@ -22,6 +22,7 @@
 #include "../spatial_conv.h"
 #include "row_gemm.h"
 #include "vec_loops.h"
+#include "weight_layout.h"
 
 namespace laudnet_ops {
 namespace {
@@ -121,9 +122,8 @@ at::Tensor masked_conv1x1_cpu(const at::Tensor& x, const at::Tensor& mask, const
   if (y.numel() != 0) {
     const at::Tensor src = x.contiguous(at::MemoryFormat::ChannelsLast);
     const at::Tensor keep = mask.contiguous();
-    // (Cin, Cout) row-major: a view of a weight kept as (1, 1, Cin, Cout) in memory (the blocks' folded
-    // layout), a transposed copy otherwise.
-    const at::Tensor wt = weight.reshape({g.Cout, g.Cin}).t().contiguous();
+    // (Cin, Cout) row-major
+    const at::Tensor wt = cpu::taps_major_weight(weight, 1);
     const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "masked_conv1x1_cpu", [&] {
       with_activation(act, [&](auto A) {

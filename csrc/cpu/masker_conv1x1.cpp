@@ -34,6 +34,7 @@
 #include "../spatial_conv.h"
 #include "row_gemm.h"
 #include "vec_loops.h"
+#include "weight_layout.h"
 
 namespace laudnet_ops {
 namespace {
@@ -126,9 +127,8 @@ void masker_nhwc(const MaskerTensors& t, const MaskerGeometry& g) {
   const BandChunking bc = make_band_chunking(g, sizeof(scalar_t));
   const at::Tensor x2d = t.x.permute({0, 2, 3, 1}).reshape({g.N * g.H * g.W, g.Cin});
   at::Tensor y2d = t.y.permute({0, 2, 3, 1}).view({g.N * g.H * g.W, g.Cout});
-  // (Cin, Cout) row-major: a view of a weight kept as (1, 1, Cin, Cout) in memory (the blocks' folded
-  // layout), a transposed copy otherwise.
-  const at::Tensor wt = t.weight.reshape({g.Cout, g.Cin}).t().contiguous();
+  // (Cin, Cout) row-major
+  const at::Tensor wt = cpu::taps_major_weight(t.weight, 1);
   const scalar_t* wm = t.mask_weight.data_ptr<scalar_t>();  // (M, Cin) contiguous
   const auto* bias = static_cast<const scalar_t*>(t.bias);
   const auto* mask_bias = static_cast<const scalar_t*>(t.mask_bias);
