@@ -109,15 +109,25 @@ def taps_major(w):
 @pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last", "taps_major"])
 @pytest.mark.parametrize("S, stride", [(1, 1), (2, 2), (4, 1)])
 @pytest.mark.parametrize("Cin", [240, 460])
-def test_wide_reduction(device, weight_layout, S, stride, Cin):
+@pytest.mark.parametrize("Cout", [24, 70])
+def test_wide_reduction(device, weight_layout, S, stride, Cin, Cout):
     # Long reductions k*k*Cin on the CPU: 2160, which the per-thread micro-kernel GEMM cuts into
     # blocks, and 4140, above its limit: the chunked multi-threaded product path (two chunks at
-    # stride 1); every weight layout read without a copy, border patches.
-    x, idx, w, b, conv = make_case(2, Cin, 24, 29, 31, 3, S, 0.6, stride, device=device, seed=11)
+    # stride 1), its output cut into 64-column panels (one partial, or a full and a partial one);
+    # every weight layout, border patches.
+    x, idx, w, b, conv = make_case(2, Cin, Cout, 29, 31, 3, S, 0.6, stride, device=device, seed=11)
     w_in = taps_major(w) if weight_layout == "taps_major" else to_layout(w, weight_layout)
     for layout in ("contiguous", "channels_last"):
         got = laudnet_ops.gather_conv2d(to_layout(x, layout), idx, w_in, b, **conv)
         torch.testing.assert_close(got, reference.gather_conv2d(x, idx, w, b, **conv), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last"])
+def test_wide_reduction_float64(weight_layout):
+    # float64 takes the BLAS product on the long-reduction path, with the weight in either orientation.
+    x, idx, w, b, conv = make_case(1, 460, 70, 9, 11, 3, 2, 0.6, dtype=torch.float64, seed=12)
+    got = laudnet_ops.gather_conv2d(to_layout(x, "channels_last"), idx, to_layout(w, weight_layout), b, **conv)
+    torch.testing.assert_close(got, reference.gather_conv2d(x, idx, w, b, **conv))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -15,9 +15,9 @@
 // Reductions longer than kMaxBlockedK (3x3 over 512 channels without groups)
 // take a second path: there every per-thread chunk would stream a weight of
 // 9 MB and more from memory again. Those chunks are larger (kWideChunkBytes of
-// gathered rows), gathered by all threads, and multiplied by one
-// multi-threaded BLAS call that blocks for the cache itself and reads the
-// weight once per chunk.
+// gathered rows), gathered by all threads, and multiplied by all threads at
+// once, each owning whole 64-column panels of the output, so that the weight
+// is read once per chunk (cpu::gemm_rowmajor_panels).
 //
 // The gather reads x in channels_last, so that each kernel tap of a position
 // is one contiguous copy of Cin channels. With channels_last packed (the fast
@@ -56,11 +56,12 @@ constexpr int64_t kChunksPerThread = 4;
 
 // Above this reduction length (k*k*Cin/groups) each per-thread chunk's product
 // would stream the whole (large) weight again: such convolutions gather larger
-// chunks and run one multi-threaded BLAS product per chunk, which blocks for the
-// cache itself. Below it the micro-kernel path wins, its long reductions cut
-// into L2-sized blocks (row_gemm.h): measured at 14x14, 256 channels, half the
-// 2x2 patches, 4.1-4.3 ms against 5.1-5.7 ms on the BLAS path; at 7x7 and 14x14
-// with 512 channels the BLAS path stays ahead (5.6-6.1 ms against 5.9-6.7 ms).
+// chunks and multiply each by all threads, output panel by output panel. Below
+// it the per-thread path wins, its long reductions cut into L2-sized blocks
+// (row_gemm.h). Measured at batch 8 on half the patches: 14x14, 256 channels,
+// S = 2: 4.0-4.1 ms per thread against 4.2 ms by panels; 28x28, 128 channels,
+// S = 4: 4.6-4.7 against 5.4 ms. With 512 channels (7x7, S = 1) the panels
+// path took 5.4 ms, where the earlier multi-threaded at::mm took 5.8.
 constexpr int64_t kMaxBlockedK = 4096;
 // Gathered rows per chunk on that path: at most this many bytes.
 constexpr int64_t kWideChunkBytes = 8 << 20;
@@ -77,11 +78,19 @@ Chunking make_chunking(const GatherConvGeometry& g, int64_t rows_wanted) {
   return c;
 }
 
-// Per-thread chunks: up to kChunkRows rows, fewer when P is small.
+// Per-thread chunks: up to kChunkRows rows, fewer when P is small; as many chunks as a multiple
+// of the thread count allows, so that no core is left one chunk behind the others (9 chunks on 2
+// threads took 5 chunk-times instead of 4.5: measured 5.7 against 5.0 ms on a 256-channel stride-2 conv).
 Chunking thread_chunking(const GatherConvGeometry& g) {
-  const int64_t rows = g.P * g.S * g.S;
-  const int64_t per_chunk = ceil_div(rows, kChunksPerThread * at::get_num_threads());
-  return make_chunking(g, std::clamp<int64_t>(per_chunk, kMinChunkRows, kChunkRows));
+  const int64_t threads = at::get_num_threads(), SS = g.S * g.S;
+  const int64_t per_chunk = std::clamp<int64_t>(ceil_div(g.P * SS, kChunksPerThread * threads), kMinChunkRows,
+                                                kChunkRows);
+  const int64_t chunks = ceil_div(ceil_div(g.P * SS, per_chunk), threads) * threads;
+  Chunking c;
+  c.patches_per_chunk = std::max<int64_t>(1, ceil_div(g.P, chunks));
+  c.chunks = ceil_div(g.P, c.patches_per_chunk);
+  c.max_rows = c.patches_per_chunk * SS;
+  return c;
 }
 
 bool wide_reduction(const GatherConvGeometry& g) { return g.groups == 1 && g.K * g.K * g.Cg > kMaxBlockedK; }
@@ -197,8 +206,7 @@ void gather_conv_per_thread(const scalar_t* xp, const int32_t* idx, const scalar
 }
 
 // The (k*k*Cin, Cout) product operand of a groups == 1 weight, row (kh, kw, c):
-// a view when the weight lies as (kh, kw, Cin, Cout) or channels_last (BLAS
-// takes either orientation), else a copy.
+// a view when the weight lies as (kh, kw, Cin, Cout) or channels_last, else a copy.
 at::Tensor taps_by_channels(const at::Tensor& weight, const GatherConvGeometry& g) {
   const int64_t rows = g.K * g.K * g.Cin;
   const at::Tensor per_output = weight.permute({0, 2, 3, 1});
@@ -206,8 +214,8 @@ at::Tensor taps_by_channels(const at::Tensor& weight, const GatherConvGeometry& 
   return cpu::taps_major_weight(weight, 1).view({rows, g.Cout});
 }
 
-// Wide reductions (groups == 1): chunk after chunk, gathered and finished by all
-// threads, multiplied by one multi-threaded BLAS call that reads the weight once.
+// Wide reductions (groups == 1): chunk after chunk, gathered, multiplied and
+// finished by all threads, the product reading the weight once per chunk.
 template <typename scalar_t, Activation A>
 void gather_conv_wide(const scalar_t* xp, const int32_t* idx, const at::Tensor& wt, const scalar_t* bias,
                       const GatherConvGeometry& g, const at::TensorOptions& opts, bool direct, scalar_t* out_p) {
@@ -216,6 +224,10 @@ void gather_conv_wide(const scalar_t* xp, const int32_t* idx, const at::Tensor& 
   const Chunking ch = make_chunking(g, std::max<int64_t>(kMinChunkRows, rows_wanted));
   at::Tensor buf = at::empty({ch.max_rows, row_len}, opts);
   at::Tensor scratch = direct ? at::Tensor() : at::empty({ch.max_rows, g.Cout}, opts);
+  // wt is (k*k*Cin, Cout): row-major (the panels product), or the transpose of a row-major
+  // (Cout, k*k*Cin), a channels_last weight, which BLAS reads as it is (re-laying it, or packing its
+  // panels, cost 1.5 ms more per call at 512 channels than the panels saved).
+  const bool row_major = wt.stride(1) == 1;
   for (int64_t c = 0; c < ch.chunks; ++c) {
     const int64_t p0 = c * ch.patches_per_chunk, p1 = std::min(g.P, p0 + ch.patches_per_chunk);
     const int64_t rows = (p1 - p0) * SS;
@@ -223,10 +235,14 @@ void gather_conv_wide(const scalar_t* xp, const int32_t* idx, const at::Tensor& 
     at::parallel_for(p0, p1, 1, [&](int64_t pa, int64_t pb) {
       gather_rows_nhwc(xp, idx, pa, pb, g, a + (pa - p0) * SS * row_len);
     });
-    at::Tensor out = direct ? at::from_blob(out_p + p0 * SS * g.Cout, {rows, g.Cout}, opts)
-                            : scratch.narrow(0, 0, rows);
-    at::mm_out(out, buf.narrow(0, 0, rows), wt);
-    const scalar_t* tile = out.data_ptr<scalar_t>();
+    scalar_t* tile = direct ? out_p + p0 * SS * g.Cout : scratch.data_ptr<scalar_t>();
+    if (row_major) {
+      cpu::gemm_rowmajor_panels(rows, g.Cout, row_len, a, row_len, wt.data_ptr<scalar_t>(), wt.stride(0), tile,
+                                g.Cout);
+    } else {
+      at::Tensor out = at::from_blob(tile, {rows, g.Cout}, opts);
+      at::mm_out(out, buf.narrow(0, 0, rows), wt);
+    }
     at::parallel_for(p0, p1, 1, [&](int64_t pa, int64_t pb) {
       if (direct)
         epilogue_nhwc<scalar_t, A>(out_p, bias, idx, pa, pb, g);
