@@ -86,11 +86,7 @@ Chunking thread_chunking(const GatherConvGeometry& g) {
   const int64_t per_chunk = std::clamp<int64_t>(ceil_div(g.P * SS, kChunksPerThread * threads), kMinChunkRows,
                                                 kChunkRows);
   const int64_t chunks = ceil_div(ceil_div(g.P * SS, per_chunk), threads) * threads;
-  Chunking c;
-  c.patches_per_chunk = std::max<int64_t>(1, ceil_div(g.P, chunks));
-  c.chunks = ceil_div(g.P, c.patches_per_chunk);
-  c.max_rows = c.patches_per_chunk * SS;
-  return c;
+  return make_chunking(g, ceil_div(g.P, chunks) * SS);
 }
 
 bool wide_reduction(const GatherConvGeometry& g) { return g.groups == 1 && g.K * g.K * g.Cg > kMaxBlockedK; }

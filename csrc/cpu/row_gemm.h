@@ -38,6 +38,12 @@ constexpr int64_t kGemmBlockN = 64;
 // longer fit L2 together. Shorter ones are not cut: each block costs one more pass over C.
 constexpr int64_t kGemmBlockK = 1024;
 
+// The length of each of the equal blocks a reduction of K > 0 is cut into.
+inline int64_t reduction_block(int64_t K) {
+  const int64_t k_blocks = (K + kGemmBlockK - 1) / kGemmBlockK;
+  return (K + k_blocks - 1) / k_blocks;
+}
+
 // accumulate: C += A . B instead of C = A . B.
 template <typename scalar_t>
 void gemm_rowmajor(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t ld_a, const scalar_t* B,
@@ -46,8 +52,7 @@ void gemm_rowmajor(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t l
 #if LAUDNET_OPS_HAVE_BRGEMM
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (K > 0) {
-      const int64_t k_blocks = (K + kGemmBlockK - 1) / kGemmBlockK;
-      const int64_t block_k = (K + k_blocks - 1) / k_blocks;
+      const int64_t block_k = reduction_block(K);
       for (int64_t m0 = 0; m0 < M; m0 += kGemmBlockM) {
         for (int64_t n0 = 0; n0 < N; n0 += kGemmBlockN) {
           for (int64_t k0 = 0; k0 < K; k0 += block_k) {
@@ -93,6 +98,14 @@ void gemm_rowmajor_rows(int64_t M, int64_t N, int64_t K, const scalar_t* A, int6
   }
 }
 
+// Releases the micro-kernel's per-thread hardware state; call at the end of a task.
+template <typename scalar_t>
+void gemm_release() {
+#if LAUDNET_OPS_HAVE_BRGEMM
+  if constexpr (std::is_same_v<scalar_t, float>) at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+#endif
+}
+
 // C = A . B on all threads, for a long reduction over a few hundred rows (a 3x3 conv over 512
 // channels on the kept pixels of a 7x7 or 14x14 map). Each task owns whole 64-column panels of C
 // and walks them K block by K block, every row block inside: the panel's K block of B (at most
@@ -104,43 +117,28 @@ void gemm_rowmajor_rows(int64_t M, int64_t N, int64_t K, const scalar_t* A, int6
 template <typename scalar_t>
 void gemm_rowmajor_panels(int64_t M, int64_t N, int64_t K, const scalar_t* A, int64_t ld_a, const scalar_t* B,
                           int64_t ld_b, scalar_t* C, int64_t ld_c) {
-#if LAUDNET_OPS_HAVE_BRGEMM
-  if constexpr (kGemmRowBlocks<scalar_t>) {
-    if (M == 0 || N == 0 || K == 0) return gemm_rowmajor(M, N, K, A, ld_a, B, ld_b, C, ld_c);
-    const int64_t panels = (N + kGemmBlockN - 1) / kGemmBlockN;
-    // Fewer panels than twice the threads: the rows are cut too, so that every core has work.
-    const int64_t threads = at::get_num_threads();
-    const int64_t row_parts =
-        std::clamp<int64_t>((2 * threads + panels - 1) / panels, 1, (M + kGemmBlockM - 1) / kGemmBlockM);
-    const int64_t part_rows = ((M + row_parts - 1) / row_parts + kGemmBlockM - 1) / kGemmBlockM * kGemmBlockM;
-    const int64_t k_blocks = (K + kGemmBlockK - 1) / kGemmBlockK;
-    const int64_t block_k = (K + k_blocks - 1) / k_blocks;
-    at::parallel_for(0, panels * row_parts, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t n0 = (task / row_parts) * kGemmBlockN, nb = std::min(kGemmBlockN, N - n0);
-        const int64_t m_begin = (task % row_parts) * part_rows, m_end = std::min(M, m_begin + part_rows);
-        for (int64_t k0 = 0; k0 < K; k0 += block_k) {
-          for (int64_t m0 = m_begin; m0 < m_end; m0 += kGemmBlockM) {
-            at::native::cpublas::brgemm(std::min(kGemmBlockM, m_end - m0), nb, std::min(block_k, K - k0), ld_a,
-                                        ld_b, ld_c, /*add_C=*/k0 > 0, A + m0 * ld_a + k0, B + k0 * ld_b + n0,
-                                        C + m0 * ld_c + n0, /*is_vnni=*/false);
-          }
+  if (!kGemmRowBlocks<scalar_t> || M == 0 || N == 0 || K == 0)
+    return gemm_rowmajor(M, N, K, A, ld_a, B, ld_b, C, ld_c);
+  const int64_t panels = (N + kGemmBlockN - 1) / kGemmBlockN;
+  // Fewer panels than twice the threads: the rows are cut too, so that every core has work.
+  const int64_t threads = at::get_num_threads();
+  const int64_t row_parts =
+      std::clamp<int64_t>((2 * threads + panels - 1) / panels, 1, (M + kGemmBlockM - 1) / kGemmBlockM);
+  const int64_t part_rows = ((M + row_parts - 1) / row_parts + kGemmBlockM - 1) / kGemmBlockM * kGemmBlockM;
+  const int64_t block_k = reduction_block(K);
+  at::parallel_for(0, panels * row_parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n0 = (task / row_parts) * kGemmBlockN, nb = std::min(kGemmBlockN, N - n0);
+      const int64_t m_begin = (task % row_parts) * part_rows, m_end = std::min(M, m_begin + part_rows);
+      for (int64_t k0 = 0; k0 < K; k0 += block_k) {
+        for (int64_t m0 = m_begin; m0 < m_end; m0 += kGemmBlockM) {  // each one micro-kernel call
+          gemm_rowmajor(std::min(kGemmBlockM, m_end - m0), nb, std::min(block_k, K - k0), A + m0 * ld_a + k0, ld_a,
+                        B + k0 * ld_b + n0, ld_b, C + m0 * ld_c + n0, ld_c, /*accumulate=*/k0 > 0);
         }
       }
-      at::native::cpublas::brgemm_release(/*is_vnni=*/false);
-    });
-    return;
-  }
-#endif
-  gemm_rowmajor(M, N, K, A, ld_a, B, ld_b, C, ld_c);
-}
-
-// Releases the micro-kernel's per-thread hardware state; call at the end of a task.
-template <typename scalar_t>
-void gemm_release() {
-#if LAUDNET_OPS_HAVE_BRGEMM
-  if constexpr (std::is_same_v<scalar_t, float>) at::native::cpublas::brgemm_release(/*is_vnni=*/false);
-#endif
+    }
+    gemm_release<scalar_t>();
+  });
 }
 
 }  // namespace cpu
