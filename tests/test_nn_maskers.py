@@ -96,6 +96,19 @@ def test_force_keep_all_none_and_seeded_fraction():
     assert not torch.equal(big(x), first)
 
 
+@pytest.mark.cuda
+def test_force_keep_draws_the_same_masks_on_cuda():
+    x = torch.randn(8, 6, 16, 16)
+    for masker in _maskers():
+        masker.set_force_keep(0.5, seed=3)
+        on_cpu = [masker(x) for _ in range(3)]
+        masker.cuda().set_force_keep(0.5, seed=3)
+        on_gpu = [masker(x.cuda()) for _ in range(3)]
+        for cpu_mask, gpu_mask in zip(on_cpu, on_gpu):
+            assert gpu_mask.device.type == "cuda" and gpu_mask.dtype == cpu_mask.dtype
+            assert torch.equal(gpu_mask.cpu(), cpu_mask)
+
+
 def test_force_keep_ignores_the_logits_and_stays_hard_in_training():
     masker = ChannelMasker(6, 4).train()
     masker.set_force_keep(0.3, seed=0)

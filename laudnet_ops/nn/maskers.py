@@ -66,6 +66,12 @@ class Masker(nn.Module):
             return torch.zeros(shape, device=device, dtype=dtype)
         # Drawn on the CPU generator so a seed gives the same mask on every device.
         draw = torch.rand(shape, generator=self._generator) < keep
+        if device.type == "cuda":
+            # From pageable memory the copy would first wait for all queued GPU work: a host
+            # synchronisation per masker that learned masks (computed on the GPU) do not pay.
+            # A pinned copy is queued like a kernel; the pinned allocator keeps the buffer until
+            # the transfer has run.
+            return draw.pin_memory().to(device=device, non_blocking=True).to(dtype)
         return draw.to(device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
