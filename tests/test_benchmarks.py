@@ -120,6 +120,27 @@ def test_ablation_fusion(tmp_path):
         assert len(measured(rows)) == len(ablation_fusion.SCHEDULES)
 
 
+@pytest.mark.skipif(extension_error is not None, reason="the ops need the compiled extension")
+def test_bench_channel_layer_ops(tmp_path):
+    import bench_channel_layer_ops
+
+    path = tmp_path / "ops.csv"
+    bench_channel_layer_ops.main(["--batch", "4", "--channels", "16", "--size", "6", "--threads", "1", "--rounds", "1",
+                                  "--min-run-time", "0.005", "--csv", str(path)])
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for case in ("conv1x1", "conv3x3", "block"):
+        labels = [r["variant"] for r in rows if r["case"] == case]
+        assert sum(label.startswith("dense") for label in labels) == 2
+        assert sum(label.startswith("reference") for label in labels) == 1
+        measured_rows = [r for r in rows if r["case"] == case and r["target"]]
+        assert len(measured_rows) == len(labels) - 3 and measured_rows
+    for row in rows:
+        assert math.isfinite(float(row["ratio_vs_best_dense"])) and float(row["ratio_vs_best_dense"]) > 0
+        # Only the dynamic variants carry a target; a baseline or reference row never does.
+        assert bool(row["target"]) == (not row["variant"].startswith(("dense", "reference")))
+
+
 @pytest.mark.skipif(extension_error is not None, reason="the fused path needs the compiled extension")
 @pytest.mark.parametrize("mode", ["spatial", "layer"])
 def test_unfused_composites_compute_the_fused_block(mode):
