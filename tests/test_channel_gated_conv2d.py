@@ -143,6 +143,42 @@ def test_small_map_many_outputs(device, shape, keeps):
         torch.testing.assert_close(got, want.float())
 
 
+# Small maps with large weights, at least two samples per thread: in channels_last float32 on the CPU
+# these run weight-stationary when gated (the weight walked block by block, each block serving every
+# sample of a pass). Outputs over one 512-channel block and a partial one, inputs over two blocks,
+# 1x1 convs reading x itself (every input channel on) or packed, strided, padded.
+STATIONARY_SHAPES = [
+    (5, 128, 256, 7, 9, 3, 4, dict(padding=1)),
+    (4, 128, 256, 11, 10, 3, 4, dict(stride=2, padding=1)),
+    (5, 512, 600, 5, 6, 1, 4, {}),
+    (4, 512, 520, 9, 9, 1, 4, dict(stride=2)),
+    (4, 1024, 520, 5, 5, 1, 4, {}),
+]
+STATIONARY_IDS = ["3x3", "3x3-s2", "1x1", "1x1-s2", "1x1-wide"]
+STATIONARY_KEEPS = [(0.5, 0.5), (None, 0.5), (0.5, None), (None, None), (0.0, 0.5), (1.0, 0.0)]
+
+
+def with_two_threads(fn):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shape", STATIONARY_SHAPES, ids=STATIONARY_IDS)
+@pytest.mark.parametrize("keeps", STATIONARY_KEEPS, ids=lambda k: f"{k[0]}-{k[1]}")
+@pytest.mark.parametrize("activation", ["relu", "none"])
+def test_large_weight_small_map(shape, keeps, activation):
+    N, Cin, Cout, H, W, K, G, conv = shape
+    x, w, b, gin, gout = make_case(N, Cin, Cout, H, W, K, G, *keeps, seed=Cout + K)
+    for weight in (w, WEIGHT_LAYOUTS["taps_major"](w)):
+        got, want = with_two_threads(lambda: run_both((to_layout(x, "channels_last"), weight, b, gin, gout), G,
+                                                      activation, **conv))
+        torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
+
+
 def check_channels_last_epilogues():
     """The channels_last float32 kernel places each pixel's kept output channels with a vector loop
     chosen for the CPU: wide groups (several 16-channel words and a partial one), with and without

@@ -8,7 +8,8 @@ import laudnet_ops
 from laudnet_ops import reference
 
 from helpers import DEVICES, device_dtype_params, to_layout
-from test_channel_gated_conv2d import CONV_STRATEGIES, CONV_TOL, KEEPS, SHAPES, make_case
+from test_channel_gated_conv2d import (CONV_STRATEGIES, CONV_TOL, KEEPS, SHAPES, STATIONARY_IDS, STATIONARY_KEEPS,
+                                      STATIONARY_SHAPES, make_case, with_two_threads)
 
 
 def make_residual(case, G, conv, dtype, layout, seed):
@@ -94,6 +95,18 @@ def test_large_map_spans_several_tiles(device):
     residual = make_residual(case, 4, dict(padding=1), torch.float32, "channels_last", 8)
     case = (to_layout(case[0], "channels_last"),) + case[1:]
     got, want = run_both(case, residual, 4, padding=1)
+    torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", STATIONARY_SHAPES, ids=STATIONARY_IDS)
+@pytest.mark.parametrize("keeps", STATIONARY_KEEPS, ids=lambda k: f"{k[0]}-{k[1]}")
+def test_large_weight_small_map(shape, keeps):
+    # The weight-stationary schedule adding into the residual, and the channel means it pools.
+    N, Cin, Cout, H, W, K, G, conv = shape
+    case = make_case(N, Cin, Cout, H, W, K, G, *keeps, seed=Cout + K + 1)
+    residual = make_residual(case, G, conv, torch.float32, "channels_last", 11)
+    case = (to_layout(case[0], "channels_last"),) + case[1:]
+    got, want = with_two_threads(lambda: run_both(case, residual, G, **conv))
     torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
 
 
