@@ -218,11 +218,12 @@ class ChannelConv {
   // given, one convolution group, a small map and a large weight, and at least two samples per
   // thread. There run()'s per-sample weight slices (each gathered from the whole weight, which is
   // read from memory again for every sample) cost about as much as the products on them. Batch 8,
-  // half the gate groups on, a flushed cache, alternating in one process: 512 -> 512 3x3 on 7x7
-  // 4.1 -> 3.6 ms, the same at stride 2 from 14x14 4.7 -> 4.0 ms, 1x1 2048 -> 512 (out-gated) 3.2
-  // -> 2.9 ms, 1x1 512 -> 2048 (in-gated, added to a residual) 3.4 -> 2.9 ms. On 14x14 maps it
-  // measured no faster (3x3 over 256 channels) or slower (1x1 1024 -> 256), and ungated it only
-  // loses (run() then multiplies by the weight in place).
+  // half the gate groups on, a flushed cache, the per-sample build against this one in three
+  // alternating pairs: 512 -> 512 3x3 on 7x7 3.7-4.3 -> 3.3-3.7 ms, the same at stride 2 from 14x14
+  // 4.4-5.0 -> 3.6-4.2 ms, 1x1 2048 -> 512 (out-gated) 2.9-3.4 -> 2.7-3.0 ms, 1x1 512 -> 2048
+  // (in-gated, added to a residual) 3.1-3.3 -> 2.6-2.9 ms. On 14x14 maps it measured no faster (3x3
+  // over 256 channels) or slower (1x1 1024 -> 256), and ungated it only loses (run() then
+  // multiplies by the weight in place).
   bool stationary() const {
     if constexpr (!kChannelsLast || !cpu::kGemmRowBlocks<scalar_t>) {
       return false;
