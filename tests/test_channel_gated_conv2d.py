@@ -245,14 +245,9 @@ def test_weight_memory_layouts(weight_layout, groups, layout):
 @pytest.mark.parametrize("keeps", [(0.5, 0.5), (None, 0.5), (None, None)], ids=lambda k: f"{k[0]}-{k[1]}")
 def test_one_sample_split_over_threads(layout, keeps):
     # Fewer samples than threads: the map is cut into tiles for the idle threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        case = make_case(1, 16, 24, 13, 11, 3, 4, *keeps, seed=12)
-        got, want = run_both((to_layout(case[0], layout),) + case[1:], 4, padding=1)
-        torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
-    finally:
-        torch.set_num_threads(threads)
+    case = make_case(1, 16, 24, 13, 11, 3, 4, *keeps, seed=12)
+    got, want = with_two_threads(lambda: run_both((to_layout(case[0], layout),) + case[1:], 4, padding=1))
+    torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -115,16 +115,11 @@ def test_large_weight_small_map(shape, keeps):
 def test_one_sample_split_over_threads(layout, K):
     # Fewer samples than threads: the map is cut into tiles for the idle threads; the channel means
     # are summed over those tiles.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        conv = dict(padding=K // 2)
-        case = make_case(1, 16, 24, 13, 11, K, 4, 0.5, 0.5, seed=9)
-        residual = make_residual(case, 4, conv, torch.float32, layout, 10)
-        got, want = run_both((to_layout(case[0], layout),) + case[1:], residual, 4, **conv)
-        torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
-    finally:
-        torch.set_num_threads(threads)
+    conv = dict(padding=K // 2)
+    case = make_case(1, 16, 24, 13, 11, K, 4, 0.5, 0.5, seed=9)
+    residual = make_residual(case, 4, conv, torch.float32, layout, 10)
+    got, want = with_two_threads(lambda: run_both((to_layout(case[0], layout),) + case[1:], residual, 4, **conv))
+    torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

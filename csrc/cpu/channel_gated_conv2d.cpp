@@ -108,6 +108,38 @@ struct Run {
   int64_t start, len;  // channels [start, start + len) relative to their convolution group
 };
 
+// Adds channel c, above every channel already listed, to runs; runs before index `first` belong to
+// another list and are never extended.
+inline void extend_runs(std::vector<Run>& runs, size_t first, int64_t c) {
+  if (runs.size() > first && runs.back().start + runs.back().len == c)
+    ++runs.back().len;
+  else
+    runs.push_back({c, 1});
+}
+
+// Whether the runs [first, last) all start at multiples of 4 and hold multiples of 4 channels (gate
+// groups of 4k channels); if so, units receives their 4-channel starts.
+inline bool unit_starts(const Run* first, const Run* last, std::vector<int32_t>& units) {
+  units.clear();
+  for (const Run* run = first; run != last; ++run) {
+    if (run->start % 4 != 0 || run->len % 4 != 0) return false;
+    for (int64_t c = run->start; c < run->start + run->len; c += 4) units.push_back(static_cast<int32_t>(c));
+  }
+  return true;
+}
+
+// Copies the channels of pixel (or weight row) src that the units (kBy4: 4-channel fixed-size
+// copies the compiler inlines) or else the runs name into dst, in order.
+template <bool kBy4, typename scalar_t>
+inline void copy_channels(const scalar_t* src, scalar_t* dst, const Run* runs, int64_t nruns, const int32_t* units,
+                          int64_t nunits) {
+  if constexpr (kBy4) {
+    for (int64_t u = 0; u < nunits; ++u, dst += 4) std::memcpy(dst, src + units[u], 4 * sizeof(scalar_t));
+  } else {
+    for (int64_t r = 0; r < nruns; ++r) dst = std::copy(src + runs[r].start, src + runs[r].start + runs[r].len, dst);
+  }
+}
+
 // The channels a sample keeps, per convolution group g: idx[off[g] .. off[g+1])
 // (relative to the group's first channel) and the same set as maximal runs.
 struct Active {
@@ -124,10 +156,7 @@ struct Active {
       for (int64_t c = 0; c < per_group; ++c) {
         if (gates != nullptr && !gates[(g * per_group + c) / G]) continue;
         idx.push_back(c);
-        if (runs.size() > static_cast<size_t>(run_off.back()) && runs.back().start + runs.back().len == c)
-          ++runs.back().len;
-        else
-          runs.push_back({c, 1});
+        extend_runs(runs, static_cast<size_t>(run_off.back()), c);
       }
       off.push_back(static_cast<int64_t>(idx.size()));
       run_off.push_back(static_cast<int64_t>(runs.size()));
@@ -137,16 +166,9 @@ struct Active {
   const int64_t* begin(int64_t g) const { return idx.data() + off[g]; }
 };
 
-// Whether a's channels of convolution group g come in runs of 4 starting at multiples of 4; if
-// so, units receives the runs' 4-channel starts (relative to the group).
+// unit_starts of a's channels of convolution group g (starts relative to the group).
 inline bool unit_starts(const Active& a, int64_t g, std::vector<int32_t>& units) {
-  units.clear();
-  for (int64_t r = a.run_off[g]; r < a.run_off[g + 1]; ++r) {
-    const Run& run = a.runs[r];
-    if (run.start % 4 != 0 || run.len % 4 != 0) return false;
-    for (int64_t c = run.start; c < run.start + run.len; c += 4) units.push_back(static_cast<int32_t>(c));
-  }
-  return true;
+  return unit_starts(a.runs.data() + a.run_off[g], a.runs.data() + a.run_off[g + 1], units);
 }
 
 // Output positions o in [0, out) whose input o*s - p + kd falls inside [0, in).
@@ -358,36 +380,11 @@ class ChannelConv {
     if (sums_) pool_pixels(y_ + n * T * Cout, T, Cout, sums_ + n * ntiles_ * Cout);
   }
 
-  // The sorted channels c[0..count) as maximal runs; true (and their 4-channel starts in units) when
-  // every run starts at a multiple of 4 and has a multiple of 4 channels: 4-channel gate groups, whose
-  // values then move as fixed-size copies the compiler inlines.
+  // The sorted channels c[0..count) as maximal runs, and unit_starts of them.
   static bool channel_runs(const int64_t* c, int64_t count, std::vector<Run>& runs, std::vector<int32_t>& units) {
     runs.clear();
-    units.clear();
-    for (int64_t i = 0; i < count; ++i) {
-      if (!runs.empty() && runs.back().start + runs.back().len == c[i])
-        ++runs.back().len;
-      else
-        runs.push_back({c[i], 1});
-    }
-    for (const Run& r : runs) {
-      if (r.start % 4 != 0 || r.len % 4 != 0) return false;
-      for (int64_t u = r.start; u < r.start + r.len; u += 4) units.push_back(static_cast<int32_t>(u));
-    }
-    return true;
-  }
-
-  // Copies the channels of src that runs (or, when by4, units) name into dst, in order.
-  static void copy_channels(const scalar_t* src, scalar_t* dst, bool by4, const std::vector<Run>& runs,
-                            const std::vector<int32_t>& units) {
-    if (by4) {
-      for (const int32_t u : units) {
-        std::memcpy(dst, src + u, 4 * sizeof(scalar_t));
-        dst += 4;
-      }
-    } else {
-      for (const Run& r : runs) dst = std::copy(src + r.start, src + r.start + r.len, dst);
-    }
+    for (int64_t i = 0; i < count; ++i) extend_runs(runs, 0, c[i]);
+    return unit_starts(runs.data(), runs.data() + runs.size(), units);
   }
 
   // wbuf[k, nout]: rows of tap kk for the input channels lo[0..k), columns outs[0..nout) (in [o0, o1)).
@@ -403,8 +400,14 @@ class ChannelConv {
     thread_local std::vector<Run> runs;
     thread_local std::vector<int32_t> units;
     const bool by4 = channel_runs(outs, nout, runs, units);
-    for (int64_t i = 0; i < k; ++i, dst += nout)
-      copy_channels(w_ + (kk * g_.Cin + lo[i]) * g_.Cout, dst, by4, runs, units);
+    const int64_t nruns = static_cast<int64_t>(runs.size()), nunits = static_cast<int64_t>(units.size());
+    for (int64_t i = 0; i < k; ++i, dst += nout) {
+      const scalar_t* row = w_ + (kk * g_.Cin + lo[i]) * g_.Cout;
+      if (by4)
+        copy_channels<true>(row, dst, runs.data(), nruns, units.data(), nunits);
+      else
+        copy_channels<false>(row, dst, runs.data(), nruns, units.data(), nunits);
+    }
   }
 
   // packed[t, k]: per output pixel t of sample n, tap kk's input pixel on the channels ins[0..k)
@@ -413,16 +416,22 @@ class ChannelConv {
     thread_local std::vector<Run> runs;
     thread_local std::vector<int32_t> units;
     const bool by4 = channel_runs(ins, k, runs, units);
+    const int64_t nruns = static_cast<int64_t>(runs.size()), nunits = static_cast<int64_t>(units.size());
     packed.resize(HWo_ * k);
     scalar_t* dst = packed.data();
     const int64_t ky = kk / g_.KW, kx = kk % g_.KW;
     for (int64_t t = 0; t < HWo_; ++t, dst += k) {
       const int64_t iy = (t / g_.Wo) * g_.SH - g_.PH + ky * g_.DH;
       const int64_t ix = (t % g_.Wo) * g_.SW - g_.PW + kx * g_.DW;
-      if (iy < 0 || iy >= g_.H || ix < 0 || ix >= g_.W)
+      if (iy < 0 || iy >= g_.H || ix < 0 || ix >= g_.W) {
         std::fill_n(dst, k, scalar_t(0));
+        continue;
+      }
+      const scalar_t* px = x_ + ((n * g_.H + iy) * g_.W + ix) * g_.Cin;
+      if (by4)
+        copy_channels<true>(px, dst, runs.data(), nruns, units.data(), nunits);
       else
-        copy_channels(x_ + ((n * g_.H + iy) * g_.W + ix) * g_.Cin, dst, by4, runs, units);
+        copy_channels<false>(px, dst, runs.data(), nruns, units.data(), nunits);
     }
   }
 
@@ -664,18 +673,18 @@ class ChannelConv {
   // channels move as 4-channel units with fixed-size copies the compiler inlines; a call per run of
   // 4 channels cost more than the product itself for a 3x3 conv.
   void pack_nhwc(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1) const {
+    const Run* runs = ws.in.runs.data() + ws.in.run_off[grp];
+    const int64_t nruns = ws.in.run_off[grp + 1] - ws.in.run_off[grp];
     if (ws.in.count(grp) % 4 == 0 && unit_starts(ws.in, grp, ws.units)) {
       const int32_t* units = ws.units.data();
       const int64_t nunits = static_cast<int64_t>(ws.units.size());
       pack_taps_nhwc(ws, n, grp, t0, t1, [&](const scalar_t* px, scalar_t* dst) {
-        for (int64_t u = 0; u < nunits; ++u, dst += 4) std::memcpy(dst, px + units[u], 4 * sizeof(scalar_t));
+        copy_channels<true>(px, dst, runs, nruns, units, nunits);
       });
       return;
     }
-    const Run* runs = ws.in.runs.data() + ws.in.run_off[grp];
-    const int64_t nruns = ws.in.run_off[grp + 1] - ws.in.run_off[grp];
     pack_taps_nhwc(ws, n, grp, t0, t1, [&](const scalar_t* px, scalar_t* dst) {
-      for (int64_t r = 0; r < nruns; ++r) dst = std::copy(px + runs[r].start, px + runs[r].start + runs[r].len, dst);
+      copy_channels<false>(px, dst, runs, nruns, nullptr, 0);
     });
   }
 
