@@ -481,12 +481,12 @@ class ChannelConv {
               dst += nout;
             }
           }
-      } else {  // weight rows are (ci, ky, kx): copy KH x KW taps per active channel
+      } else {  // weight rows are (ci, ky, kx): a run of active channels is one contiguous copy
         for (int64_t j = 0; j < nout; ++j) {
           const scalar_t* row = wg + outs[j] * K_dense;
-          for (int64_t i = 0; i < ws.in.count(grp); ++i) {
-            const scalar_t* taps = row + ws.in.begin(grp)[i] * KK_;
-            dst = std::copy(taps, taps + KK_, dst);
+          for (int64_t r = ws.in.run_off[grp]; r < ws.in.run_off[grp + 1]; ++r) {
+            const Run& run = ws.in.runs[r];
+            dst = std::copy(row + run.start * KK_, row + (run.start + run.len) * KK_, dst);
           }
         }
       }
@@ -529,6 +529,11 @@ class ChannelConv {
     }
     // C operand: straight into y when every output channel of the group is on (and y holds no residual).
     const bool direct = all_out && !accumulate_;
+    if (!kChannelsLast && !direct && cpu::kGemmRowBlocks<scalar_t> && K > 0) {
+      tile_cols_nchw<A>(ws, n, grp, t0, t1, cols, ld_cols, K);
+      if (sums) pool_tile(n, grp, t0, t1, sums);
+      return;
+    }
     scalar_t* acc;
     int64_t ld_acc;
     if (direct) {
@@ -609,6 +614,22 @@ class ChannelConv {
         epilogue_scatter<A>(ws, n, grp, t0 + r0, t0 + r0 + rows, ws.acc.data());
       }
       if (sums) pool_pixels(y_ + (n * HWo_ + t0 + r0) * g_.Cout + c0, rows, g_.cout_g(), sums + c0);
+    }
+  }
+
+  // NCHW with some output channels off (or a residual in y), on the micro-kernel: the product is
+  // cut into blocks of output pixels, each scattered to the channel planes while its [nout, block]
+  // result is in L1, instead of one [nout, T] buffer the size of L2 read back after the product.
+  // (16, 256, 28, 28) 1x1 with half the 4-channel output groups on: 5.7-5.8 -> 4.9-5.4 ms.
+  template <Activation A>
+  void tile_cols_nchw(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1, const scalar_t* cols,
+                      int64_t ld_cols, int64_t K) const {
+    const int64_t nout = ws.out.count(grp);
+    ws.acc.resize(nout * cpu::kGemmBlockN);
+    for (int64_t c0 = t0; c0 < t1; c0 += cpu::kGemmBlockN) {
+      const int64_t width = std::min(cpu::kGemmBlockN, t1 - c0);
+      cpu::gemm_rowmajor<scalar_t>(nout, width, K, ws.wptr[grp], K, cols + (c0 - t0), ld_cols, ws.acc.data(), width);
+      epilogue_scatter<A>(ws, n, grp, c0, c0 + width, ws.acc.data());
     }
   }
 
