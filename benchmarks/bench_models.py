@@ -7,6 +7,9 @@ units (``force_keep``, seeded). Baselines, in one run: the dense network with ba
 (the dense mode's inference path: what the sparse paths are compared with) in NCHW and in
 channels_last, and the torchvision-style unfolded dense network. Each sparse network runs in both
 memory formats too; the ratio is to the faster dense baseline. Target of issue 5: <= 0.65x.
+The format column is the input's: on the CPU the models' inference path lays an NCHW input out
+channels_last itself (``laudnet_ops.models._common.inference_layout``), so its NCHW rows show what
+an NCHW caller gets; the torchvision-style network and the fused row below compute in the input's layout.
 
 One more dense row, for reference: the folded network with each block's last conv, residual add and
 ReLU in one oneDNN call (the convolution post-op torch.compile's CPU backend fuses them into). The

@@ -87,6 +87,52 @@ def test_state_dict_round_trip_between_modes():
         load_backbone(laud_regnety_400mf(mode="dense"), source.state_dict())
 
 
+def _small(net, mode):
+    if net == "resnet":
+        return LaudResNet((1, 1, 1, 1), mode=mode, num_classes=10)
+    from laudnet_ops.models.regnet import LaudRegNetY
+    return LaudRegNetY((1, 1, 1, 1), (16, 32, 48, 64), 8, mode=mode, granularity=4, num_classes=10)
+
+
+@pytest.mark.parametrize("net", ["resnet", "regnet"])
+@pytest.mark.parametrize("mode", MODES)
+def test_inference_path_computes_channels_last_on_the_cpu(net, mode):
+    # An NCHW input: the sparse (inference) path lays it out channels_last, the masked path keeps it.
+    needs_sparse_ops(mode)
+    torch.manual_seed(1)
+    model = randomize_bn(_small(net, mode)).eval()
+    set_force_keep(model, 1.0)
+    stem_out = model.maxpool if net == "resnet" else model.stem
+    maps = []
+    stem_out.register_forward_hook(lambda module, inputs, output: maps.append(output))
+    x = _input()
+    with torch.no_grad():
+        set_execution(model, "sparse")
+        sparse = model(x)
+        set_execution(model, "masked")
+        masked = model(x)
+    assert maps[0].is_contiguous(memory_format=torch.channels_last) and not maps[0].is_contiguous()
+    assert maps[1].is_contiguous()
+    torch.testing.assert_close(sparse, masked, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("net", ["resnet", "regnet"])
+def test_a_model_made_under_inference_mode_folds_its_current_weights(net):
+    # Parameters made under torch.inference_mode carry no version counter: a load_state_dict there
+    # must still reach the folded weights of the inference path.
+    torch.manual_seed(2)
+    reference = randomize_bn(_small(net, "dense")).eval()
+    x = _input()
+    with torch.inference_mode():
+        model = _small(net, "dense").eval()
+        model(x)  # folds the initial weights
+        model.load_state_dict(reference.state_dict())
+        got = model(x)
+    with torch.no_grad():
+        want = reference(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_default_granularities():
     assert laud_resnet50(mode="spatial").granularity == (4, 4, 2, 1)
     assert laud_resnet50(mode="channel").granularity == (4, 4, 4, 4)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..nn.blocks import DynamicRegNetYBlock
-from ._common import Granularity, init_backbone, run_blocks, stage_granularity
+from ._common import Granularity, inference_layout, init_backbone, run_blocks, stage_granularity
 
 __all__ = ["LaudRegNetY", "laud_regnety_400mf", "laud_regnety_800mf", "REGNETY_CONFIGS"]
 
@@ -59,6 +59,9 @@ class LaudRegNetY(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N = x.shape[0]
+        first = self.trunk_output[0][0]
+        if not self.training and first.resolved_execution() == "sparse":
+            x = inference_layout(x)
         x = self.stem(x)
         stem_macs = self.stem[0].weight.numel() * x.shape[2] * x.shape[3]
         x, means = run_blocks(self.trunk_output, x)

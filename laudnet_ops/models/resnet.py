@@ -12,7 +12,7 @@ from torch import nn
 
 from ..nn.blocks import DynamicBottleneck, conv_weight_layout
 from ..nn.folding import FoldedWeights
-from ._common import Granularity, init_backbone, run_blocks, stage_granularity
+from ._common import Granularity, inference_layout, init_backbone, run_blocks, stage_granularity
 
 __all__ = ["LaudResNet", "laud_resnet50", "laud_resnet101"]
 
@@ -77,6 +77,7 @@ class LaudResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N = x.shape[0]
         if self._inference_path():
+            x = inference_layout(x)
             # Where the blocks run folded, so does the stem: one conv instead of conv + batch norm.
             w, b = self._stem_folded("conv1", self.conv1, self.bn1, conv_weight_layout(x))
             x = F.relu_(F.conv2d(x, w, b, self.conv1.stride, self.conv1.padding))

@@ -48,16 +48,25 @@ class FoldedWeights:
         GEMM), so the kernel need not re-lay the weight on every call."""
         tensors = [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
                    if t is not None]
+        if any(t.is_inference() for t in tensors):
+            # Made under torch.inference_mode: no version counter, so an in-place change there (a
+            # load_state_dict) would go unseen. Folded afresh on every call instead.
+            self._cache.pop((name, layout), None)
+            return self._fold(conv, bn, layout)
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         name = (name, layout)
         hit = self._cache.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
-        with torch.no_grad():
-            w, b = fold_bn(conv.weight, conv.bias, bn)
-            folded = (_lay_out(w, layout, conv.groups), b)
+        folded = self._fold(conv, bn, layout)
         self._cache[name] = (key, folded)
         return folded
+
+    @staticmethod
+    def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, layout: Optional[str]) -> tuple:
+        with torch.no_grad():
+            w, b = fold_bn(conv.weight, conv.bias, bn)
+            return _lay_out(w, layout, conv.groups), b
 
     def clear(self) -> None:
         self._cache.clear()
