@@ -141,6 +141,25 @@ def test_bench_channel_layer_ops(tmp_path):
         assert bool(row["target"]) == (not row["variant"].startswith(("dense", "reference")))
 
 
+@pytest.mark.skipif(extension_error is not None, reason="the sparse networks need the compiled extension")
+def test_bench_models(tmp_path):
+    import bench_models
+
+    path = tmp_path / "models.csv"
+    bench_models.main(["--batch", "1", "--size", "32", "--threads", "1", "--rounds", "1", "--min-run-time", "0.005",
+                       "--csv", str(path)])
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    laud = [r for r in rows if r["execution"] in ("folded BN", "sparse")]
+    # One row per LAUD network (it lays its input out itself), both layouts for the others.
+    assert [r["network"] for r in laud] == ["dense", "spatial keep=0.5", "channel keep=0.5", "layer keep=0.5"]
+    assert {r["format"] for r in laud} == {bench_models.LAUD_FORMAT}
+    assert {r["format"] for r in rows if r["execution"].startswith("torchvision")} == {"nchw", "channels_last"}
+    assert float(laud[0]["ratio"]) == 1.0
+    for row in laud[1:]:
+        assert 0.0 < float(row["flops_ratio"]) < 1.0 and math.isfinite(float(row["ratio"]))
+
+
 @pytest.mark.skipif(extension_error is not None, reason="the fused path needs the compiled extension")
 @pytest.mark.parametrize("mode", ["spatial", "layer"])
 def test_unfused_composites_compute_the_fused_block(mode):

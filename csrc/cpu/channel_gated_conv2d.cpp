@@ -482,6 +482,8 @@ class ChannelConv {
             }
           }
       } else {  // weight rows are (ci, ky, kx): a run of active channels is one contiguous copy
+        // (one copy per channel and tap made batch-8 1x1 1024 -> 2048 on 14x14, half the outputs
+        // on, 30 ms instead of 20; 512 -> 2048 on 7x7 9.3 instead of 3.5)
         for (int64_t j = 0; j < nout; ++j) {
           const scalar_t* row = wg + outs[j] * K_dense;
           for (int64_t r = ws.in.run_off[grp]; r < ws.in.run_off[grp + 1]; ++r) {
