@@ -179,6 +179,33 @@ def test_large_weight_small_map(shape, keeps, activation):
         torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
 
 
+def exact_half_gates(N, groups, seed):
+    order = torch.rand(N, groups, generator=torch.Generator().manual_seed(seed)).argsort(dim=1)
+    return order < groups // 2
+
+
+# channels_last float32 weight slices whose rows of active outputs are a multiple of 1 KiB long (256
+# or 512 outputs) are stored with a padded row distance; on maps over 64 pixels (the per-sample
+# path), one or two convolution groups, in-gated (every output on) or out-gated with exactly 256 on.
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("Cout, groups, gate", [(256, 1, "in"), (512, 1, "out"), (512, 2, "in"), (1024, 2, "out")])
+def test_weight_slices_of_kib_rows(K, Cout, groups, gate):
+    N, Cin, G = 3, 64, 4
+    x, w, b, gin, gout = make_case(N, Cin, Cout, 9, 10, K, G, None, None, groups=groups, seed=Cout + K)
+    if gate == "in":
+        gin = exact_half_gates(N, Cin // G, seed=K)
+    else:
+        gout = exact_half_gates(N, Cout // G, seed=K)
+    x = to_layout(x, "channels_last")
+    got, want = run_both((x, w, b, gin, gout), G, padding=K // 2, groups=groups)
+    torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
+    res = to_layout(torch.randn(want.shape, generator=torch.Generator().manual_seed(2)), "channels_last")
+    want = reference.channel_gated_conv2d_add(res.double(), x.double(), w.double(), b.double(), gin, gout, G,
+                                              padding=K // 2, groups=groups)
+    laudnet_ops.channel_gated_conv2d_add_(res, x, w, b, gin, gout, G, padding=K // 2, groups=groups)
+    torch.testing.assert_close(res, want.float(), atol=1e-4, rtol=1e-4)
+
+
 def check_channels_last_epilogues():
     """The channels_last float32 kernel places each pixel's kept output channels with a vector loop
     chosen for the CPU: wide groups (several 16-channel words and a partial one), with and without
