@@ -204,7 +204,9 @@ struct Workspace {
 // fall on a quarter or fewer of the L1 sets, so the rows of the micro-kernel's 64-column panel of
 // the slice evict each other; one more 64-byte line per row spreads them over every set. Batch 8,
 // 1x1 256 -> 1024 on 14x14 with half the inputs on, added to the residual (1024 active outputs, 4 KiB
-// apart): 3.2-4.1 -> 2.8-2.9 ms in 4 alternating pairs; the other shapes measured the same either way.
+// apart), the op alone in its process, 4 alternating pairs: 2.5-2.8 -> 2.1-2.3 ms (and 3.2-4.1 ->
+// 2.8-2.9 ms in a slower spell of the machine); timed after other convolutions in the same process,
+// within noise. The other shapes measured the same either way.
 inline int64_t slice_ld(int64_t n_out, int64_t elem_size) {
   return (n_out * elem_size) % 1024 == 0 ? n_out + 64 / elem_size : n_out;
 }
