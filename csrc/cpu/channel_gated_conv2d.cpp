@@ -623,8 +623,8 @@ class ChannelConv {
     }
     for (int64_t r0 = 0; r0 < T; r0 += cpu::kGemmBlockM) {
       const int64_t rows = std::min(cpu::kGemmBlockM, T - r0);
-      cpu::gemm_rowmajor<scalar_t>(rows, nout, K, cols + r0 * ld_cols, ld_cols, ws.wptr[grp], ws.wld[grp], ws.acc.data(),
-                                   nout);
+      cpu::gemm_rowmajor<scalar_t>(rows, nout, K, cols + r0 * ld_cols, ld_cols, ws.wptr[grp], ws.wld[grp],
+                                   ws.acc.data(), nout);
       if constexpr (std::is_same_v<scalar_t, float>) {
         cpu::expand_bias_act_rows(y_ + (n * HWo_ + t0 + r0) * g_.Cout + c0, g_.Cout, ws.acc.data(), nout, rows,
                                   ws.keep.data(), bias_ ? bias_ + c0 : nullptr, g_.cout_g(),
