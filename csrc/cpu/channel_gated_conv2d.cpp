@@ -483,18 +483,19 @@ class ChannelConv {
         const bool by4 = !all_out && unit_starts(ws.out, grp, ws.units);
         const int32_t* units = ws.units.data();
         const int64_t nunits = by4 ? static_cast<int64_t>(ws.units.size()) : 0;
+        const Run* out_runs = ws.out.runs.data() + ws.out.run_off[grp];
+        const int64_t nout_runs = ws.out.run_off[grp + 1] - ws.out.run_off[grp];
         for (int64_t kk = 0; kk < KK_; ++kk)
           for (int64_t r = ws.in.run_off[grp]; r < ws.in.run_off[grp + 1]; ++r) {
             const Run& run = ws.in.runs[r];
             for (int64_t ci = run.start; ci < run.start + run.len; ++ci) {
               const scalar_t* src = wg + (kk * Cin_g + ci) * Cout_g;
-              if (all_out) {
+              if (all_out)
                 std::copy(src, src + Cout_g, dst);
-              } else if (by4) {
-                for (int64_t u = 0; u < nunits; ++u) std::memcpy(dst + 4 * u, src + units[u], 4 * sizeof(scalar_t));
-              } else {
-                for (int64_t j = 0; j < nout; ++j) dst[j] = src[outs[j]];
-              }
+              else if (by4)
+                copy_channels<true>(src, dst, out_runs, nout_runs, units, nunits);
+              else
+                copy_channels<false>(src, dst, out_runs, nout_runs, units, nunits);
               dst += ws.wld[grp];
             }
           }
