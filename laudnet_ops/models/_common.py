@@ -25,6 +25,11 @@ def stage_granularity(mode: str, granularity: Granularity, stages: int) -> tuple
     return granularity
 
 
+def on_inference_path(model: nn.Module, first_block: nn.Module) -> bool:
+    """Whether ``model`` runs its inference path: eval, its blocks on the sparse (folded) path."""
+    return not model.training and first_block.resolved_execution() == "sparse"
+
+
 def inference_layout(x: torch.Tensor) -> torch.Tensor:
     """The input of the inference path, laid out as it computes fastest: channels_last on the CPU.
 

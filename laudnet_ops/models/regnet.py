@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..nn.blocks import DynamicRegNetYBlock
-from ._common import Granularity, inference_layout, init_backbone, run_blocks, stage_granularity
+from ._common import (Granularity, inference_layout, init_backbone, on_inference_path, run_blocks,
+                      stage_granularity)
 
 __all__ = ["LaudRegNetY", "laud_regnety_400mf", "laud_regnety_800mf", "REGNETY_CONFIGS"]
 
@@ -59,8 +60,7 @@ class LaudRegNetY(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N = x.shape[0]
-        first = self.trunk_output[0][0]
-        if not self.training and first.resolved_execution() == "sparse":
+        if on_inference_path(self, self.trunk_output[0][0]):
             x = inference_layout(x)
         x = self.stem(x)
         stem_macs = self.stem[0].weight.numel() * x.shape[2] * x.shape[3]

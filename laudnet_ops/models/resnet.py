@@ -12,7 +12,8 @@ from torch import nn
 
 from ..nn.blocks import DynamicBottleneck, conv_weight_layout
 from ..nn.folding import FoldedWeights
-from ._common import Granularity, inference_layout, init_backbone, run_blocks, stage_granularity
+from ._common import (Granularity, inference_layout, init_backbone, on_inference_path, run_blocks,
+                      stage_granularity)
 
 __all__ = ["LaudResNet", "laud_resnet50", "laud_resnet101"]
 
@@ -52,9 +53,6 @@ class LaudResNet(nn.Module):
         self._laud_static_macs = None
         self._stem_folded = FoldedWeights()
 
-    def _inference_path(self) -> bool:
-        return not self.training and self.layer1[0].resolved_execution() == "sparse"
-
     def _make_layer(self, planes, blocks, stride, mode, granularity, force_keep) -> nn.Sequential:
         expansion = DynamicBottleneck.expansion
         downsample = None
@@ -76,7 +74,7 @@ class LaudResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N = x.shape[0]
-        if self._inference_path():
+        if on_inference_path(self, self.layer1[0]):
             x = inference_layout(x)
             # Where the blocks run folded, so does the stem: one conv instead of conv + batch norm.
             w, b = self._stem_folded("conv1", self.conv1, self.bn1, conv_weight_layout(x))
