@@ -179,6 +179,55 @@ def test_large_weight_small_map(shape, keeps, activation):
         torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
 
 
+# channels_last float32 convolutions wider than a pixel with column dilation 1 read their input from
+# a band of rows regrouped by row phase, a GEMM per kernel row over virtual pixels (see tile_band).
+# Kernels of other heights than widths, row and column strides and paddings that differ, row
+# dilation, a padding that leaves whole band rows of zeros, and maps cut into several tiles that
+# start inside an output row (24 x 37 outputs of 32 channels, two samples and one).
+BAND_GEOMETRIES = {
+    "3x3-s1": dict(kernel=(3, 3), stride=1, padding=1),
+    "3x3-s2-odd": dict(kernel=(3, 3), stride=2, padding=1),
+    "3x3-s3": dict(kernel=(3, 3), stride=3, padding=1),
+    "1x3": dict(kernel=(1, 3), stride=1, padding=(0, 1)),
+    "3x1": dict(kernel=(3, 1), stride=1, padding=(1, 0)),
+    "5x3-s21": dict(kernel=(5, 3), stride=(2, 1), padding=(2, 1)),
+    "3x3-s12-p0": dict(kernel=(3, 3), stride=(1, 2), padding=0),
+    "3x3-dil21": dict(kernel=(3, 3), stride=1, padding=(2, 1), dilation=(2, 1)),
+    "3x3-dil21-s2": dict(kernel=(3, 3), stride=2, padding=(2, 1), dilation=(2, 1)),
+    "3x3-wide-pad": dict(kernel=(3, 3), stride=2, padding=3),
+}
+
+
+@pytest.mark.parametrize("geometry", list(BAND_GEOMETRIES), ids=list(BAND_GEOMETRIES))
+@pytest.mark.parametrize("keeps", [(0.5, 0.5), (None, 0.5), (0.5, None), (None, None), (0.0, 0.5)],
+                         ids=lambda k: f"{k[0]}-{k[1]}")
+@pytest.mark.parametrize("N", [1, 2])
+def test_band_geometries(geometry, keeps, N):
+    conv = dict(BAND_GEOMETRIES[geometry])
+    KH, KW = conv.pop("kernel")
+    gen = torch.Generator().manual_seed(KH * 7 + KW + N)
+    Cin, Cout, G = 32, 24, 4
+    x = torch.randn(N, Cin, 47, 73, generator=gen, dtype=torch.float64)
+    w = torch.randn(Cout, Cin, KH, KW, generator=gen, dtype=torch.float64) / (Cin * KH * KW) ** 0.5
+    b = torch.randn(Cout, generator=gen, dtype=torch.float64)
+    gin = random_mask((N, Cin // G), keeps[0], gen) if keeps[0] is not None else None
+    gout = random_mask((N, Cout // G), keeps[1], gen) if keeps[1] is not None else None
+    want = reference.channel_gated_conv2d(x, w, b, gin, gout, G, **conv)
+    xf = to_layout(x.float(), "channels_last")
+    for weight in (w.float(), WEIGHT_LAYOUTS["taps_major"](w.float())):
+        got = with_two_threads(lambda: laudnet_ops.channel_gated_conv2d(xf, weight, b.float(), gin, gout, G, **conv))
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
+    residual = to_layout(torch.randn(want.shape, generator=gen), "channels_last")
+    means = torch.empty(N, Cout)
+    got = laudnet_ops.channel_gated_conv2d_add_(residual.clone(), xf, w.float(), b.float(), gin, gout, G,
+                                                means=means, **conv)
+    want_add = torch.relu(residual.double() + reference.channel_gated_conv2d(x, w, b, gin, gout, G,
+                                                                             activation="none", **conv))
+    torch.testing.assert_close(got, want_add.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(means, want_add.mean((2, 3)).float(), atol=1e-5, rtol=1e-4)
+
+
 def exact_half_gates(N, groups, seed):
     order = torch.rand(N, groups, generator=torch.Generator().manual_seed(seed)).argsort(dim=1)
     return order < groups // 2

@@ -10,7 +10,10 @@
 //
 // Two layouts, each with its own packing order so every copy runs over
 // contiguous memory: NCHW packs (channel, ky, kx) rows of pixels, channels_last
-// packs pixels of (ky, kx, channel) runs. The GEMMs go through row_gemm.h:
+// packs pixels of (ky, kx, channel) runs. channels_last float32 kernels wider
+// than a pixel pack no im2col operand: the tile's input rows are copied once
+// into a band, and each kernel row is a GEMM over shifted views of it
+// (ChannelConv::tile_band). The GEMMs go through row_gemm.h:
 // float32 on ATen's oneDNN micro-kernel (the same one the dense oneDNN
 // convolutions are built from, so the comparison with them is like for like),
 // other dtypes on ATen mm calls (MKL) on views of the thread-local buffers.
@@ -240,6 +243,24 @@ class ChannelConv {
 
   int64_t items() const { return g_.N * ntiles_; }
   int64_t tiles_per_sample() const { return ntiles_; }
+
+  // Item boundaries [bounds[c], bounds[c + 1]) of `chunks` contiguous chunks of about equal work.
+  // Each sample's gates set its work (the active channels' products plus the writes of every output
+  // channel). With an even count of items per thread, the threads spent 8% of a 3x3 conv's samples
+  // waiting for each other (64 channels on 56x56, batch 8, half the gate groups on), 4% with this split.
+  std::vector<int64_t> balanced_split(int64_t chunks) const {
+    std::vector<double> upto(items() + 1, 0.0);
+    for (int64_t item = 0; item < items(); ++item) {
+      const int64_t n = item / ntiles_, t0 = (item % ntiles_) * T_;
+      const double in = on_channels(in_gates_, n, g_.Cin), out = on_channels(out_gates_, n, g_.Cout);
+      const double per_pixel = in * out * KK_ / g_.groups + g_.Cout;
+      upto[item + 1] = upto[item] + per_pixel * (std::min(HWo_, t0 + T_) - t0);
+    }
+    std::vector<int64_t> bounds(chunks + 1, items());
+    for (int64_t c = 0; c < chunks; ++c)
+      bounds[c] = std::lower_bound(upto.begin(), upto.end(), upto.back() * c / chunks) - upto.begin();
+    return bounds;
+  }
   void set_sums(acc_t* sums) { sums_ = sums; }
 
   // Items per parallel chunk: small convolutions run on one thread, where waking
@@ -513,6 +534,13 @@ class ChannelConv {
     }
   }
 
+  // The channels of sample n that gates (null: all on) keep, of `channels`.
+  int64_t on_channels(const bool* gates, int64_t n, int64_t channels) const {
+    if (!gates) return channels;
+    const int64_t per_sample = channels / g_.G;
+    return std::count(gates + n * per_sample, gates + (n + 1) * per_sample, true) * g_.G;
+  }
+
   bool full(const Workspace<scalar_t>& ws, int64_t grp) const {
     return ws.in.count(grp) == g_.cin_g() && ws.out.count(grp) == g_.cout_g();
   }
@@ -530,6 +558,7 @@ class ChannelConv {
       if (sums) pool_tile(n, grp, t0, t1, sums);
       return;
     }
+    if (banded()) return tile_band<A>(ws, n, grp, t0, t1, sums);
     // B operand: the packed tile, or the input itself for a pointwise conv reading every channel.
     const scalar_t* cols;
     int64_t ld_cols;
@@ -615,13 +644,7 @@ class ChannelConv {
     }
     ws.acc.resize(cpu::kGemmBlockM * nout);
     const int64_t c0 = grp * g_.cout_g();
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      ws.keep.assign((g_.cout_g() + 15) / 16, 0);
-      for (int64_t j = 0; j < nout; ++j) {
-        const int64_t c = ws.out.begin(grp)[j];
-        ws.keep[c / 16] |= static_cast<uint16_t>(1u << (c % 16));
-      }
-    }
+    if constexpr (std::is_same_v<scalar_t, float>) set_keep_bits(ws, grp);
     for (int64_t r0 = 0; r0 < T; r0 += cpu::kGemmBlockM) {
       const int64_t rows = std::min(cpu::kGemmBlockM, T - r0);
       cpu::gemm_rowmajor<scalar_t>(rows, nout, K, cols + r0 * ld_cols, ld_cols, ws.wptr[grp], ws.wld[grp],
@@ -634,6 +657,92 @@ class ChannelConv {
         epilogue_scatter<A>(ws, n, grp, t0 + r0, t0 + r0 + rows, ws.acc.data());
       }
       if (sums) pool_pixels(y_ + (n * HWo_ + t0 + r0) * g_.Cout + c0, rows, g_.cout_g(), sums + c0);
+    }
+  }
+
+  // channels_last float32 without im2col, for kernels wider than a pixel whose taps along a row are
+  // adjacent pixels (column dilation 1). The tile's input rows are copied once, with only the active
+  // input channels and the zero padding, into a band whose rows are regrouped by phase (band row r
+  // at r % SH * nb + r / SH) and RS = SW * Vw pixels long. Output pixel (oy, ox), at virtual index
+  // v = oy * Vw + ox, then finds kernel row ky's KW taps as KW adjacent pixels from band pixel
+  // SW * v + base(ky): each kernel row is one GEMM over uniformly strided operand rows (ld SW * nin,
+  // K = KW * nin), accumulated over a block of virtual pixels. The Vw - Wo virtual pixels that close
+  // each output row are computed and dropped. The band is a ninth of a 3x3 conv's im2col operand.
+  // Batch 8, half the 4-channel gate groups on in and out, 3x3, against the im2col tiles (5 alternating
+  // pairs, medians): 64 channels on 56x56 5.5 -> 4.6 ms, 128 channels from 56x56 at stride 2 4.0 ->
+  // 3.5 ms; 128 on 28x28 and 256 on 14x14 (2 and 2/16 of the pixels dropped) within noise.
+  bool banded() const { return kChannelsLast && cpu::kGemmRowBlocks<scalar_t> && !is_pointwise(g_) && g_.DW == 1; }
+
+  template <Activation A>
+  void tile_band(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1, acc_t* sums) const {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const int64_t nin = ws.in.count(grp), nout = ws.out.count(grp), Cout_g = g_.cout_g(), c0 = grp * Cout_g;
+      const int64_t Wo = g_.Wo, SH = g_.SH, SW = g_.SW;
+      const int64_t Vw = ceil_div(g_.W + 2 * g_.PW, SW), RS = SW * Vw;
+      const int64_t oy0 = t0 / Wo, oy1 = (t1 - 1) / Wo;
+      const int64_t nb = ceil_div((oy1 - oy0) * SH + (g_.KH - 1) * g_.DH + 1, SH);
+      load_band(ws, n, grp, oy0, nb, RS);
+      const int64_t v_first = t0 % Wo, v_end = (oy1 - oy0) * Vw + (t1 - 1) % Wo + 1;
+      const int64_t k_row = g_.KW * nin;
+      ws.acc.resize(cpu::kGemmBlockM * nout);
+      float* acc = ws.acc.data();
+      const float* b = bias_ ? bias_ + c0 : nullptr;
+      set_keep_bits(ws, grp);
+      for (int64_t v0 = v_first; v0 < v_end; v0 += cpu::kGemmBlockM) {
+        const int64_t m = std::min(cpu::kGemmBlockM, v_end - v0);
+        if (nin == 0) std::fill(acc, acc + m * nout, 0.f);  // no input channel on: just the bias
+        for (int64_t ky = 0; ky < g_.KH && nin > 0; ++ky) {
+          const int64_t r = ky * g_.DH;  // the band row of kernel row ky for output row oy0
+          cpu::gemm_rowmajor<float>(m, nout, k_row, ws.col.data() + ((r % SH * nb + r / SH) * RS + SW * v0) * nin,
+                                    SW * nin, ws.wptr[grp] + ky * k_row * ws.wld[grp], ws.wld[grp], acc, nout,
+                                    /*accumulate=*/ky > 0);
+        }
+        for (int64_t v = v0; v < v0 + m;) {  // the block's real pixels, one output row's run at a time
+          const int64_t ox = v % Vw, len = std::min(v0 + m - v, Vw - ox), real = std::clamp<int64_t>(Wo - ox, 0, len);
+          if (real > 0) {
+            float* px = y_ + (n * HWo_ + (oy0 + v / Vw) * Wo + ox) * g_.Cout + c0;
+            cpu::expand_bias_act_rows(px, g_.Cout, acc + (v - v0) * nout, nout, real, ws.keep.data(), b, Cout_g,
+                                      A == Activation::kRelu, accumulate_);
+            if (sums) pool_pixels(px, real, Cout_g, sums + c0);
+          }
+          v += len;
+        }
+      }
+    }
+  }
+
+  // The band of tile_band for output rows from oy0: SH phases of nb rows of RS pixels, each pixel the
+  // group's active input channels or zeros (padding, and pixels no output reads). A dropped virtual
+  // pixel's taps may run past the end of its band row, into the next one: the row the same kernel
+  // row reads for the next output row, which exists, since only rows followed by another are dropped.
+  void load_band(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t oy0, int64_t nb, int64_t RS) const {
+    const int64_t nin = ws.in.count(grp), SH = g_.SH, rows = SH * nb, iy0 = oy0 * SH - g_.PH;
+    const int64_t row_len = RS * nin;
+    ws.col.resize(rows * row_len);
+    scalar_t* band = ws.col.data();
+    with_active_copy(ws, grp, [&](const auto& copy_active) {
+      for (int64_t r = 0; r < rows; ++r) {
+        scalar_t* dst = band + (r % SH * nb + r / SH) * row_len;
+        const int64_t iy = iy0 + r;
+        if (iy < 0 || iy >= g_.H) {
+          std::fill(dst, dst + row_len, scalar_t(0));
+          continue;
+        }
+        std::fill(dst, dst + g_.PW * nin, scalar_t(0));
+        const scalar_t* px = x_ + (n * g_.H + iy) * g_.W * g_.Cin + grp * g_.cin_g();
+        scalar_t* to = dst + g_.PW * nin;
+        for (int64_t ix = 0; ix < g_.W; ++ix, px += g_.Cin, to += nin) copy_active(px, to);
+        std::fill(to, dst + row_len, scalar_t(0));
+      }
+    });
+  }
+
+  // ws.keep: the group's active output channels, one bit each.
+  void set_keep_bits(Workspace<scalar_t>& ws, int64_t grp) const {
+    ws.keep.assign((g_.cout_g() + 15) / 16, 0);
+    for (int64_t j = 0; j < ws.out.count(grp); ++j) {
+      const int64_t c = ws.out.begin(grp)[j];
+      ws.keep[c / 16] |= static_cast<uint16_t>(1u << (c % 16));
     }
   }
 
@@ -716,19 +825,22 @@ class ChannelConv {
   // channels move as 4-channel units with fixed-size copies the compiler inlines; a call per run of
   // 4 channels cost more than the product itself for a 3x3 conv.
   void pack_nhwc(Workspace<scalar_t>& ws, int64_t n, int64_t grp, int64_t t0, int64_t t1) const {
+    with_active_copy(ws, grp, [&](const auto& copy_active) { pack_taps_nhwc(ws, n, grp, t0, t1, copy_active); });
+  }
+
+  // f(copy_active), copy_active(px, dst) writing the group's active input channels of channels_last
+  // pixel px to dst.
+  template <typename F>
+  void with_active_copy(Workspace<scalar_t>& ws, int64_t grp, const F& f) const {
     const Run* runs = ws.in.runs.data() + ws.in.run_off[grp];
     const int64_t nruns = ws.in.run_off[grp + 1] - ws.in.run_off[grp];
     if (ws.in.count(grp) % 4 == 0 && unit_starts(ws.in, grp, ws.units)) {
       const int32_t* units = ws.units.data();
       const int64_t nunits = static_cast<int64_t>(ws.units.size());
-      pack_taps_nhwc(ws, n, grp, t0, t1, [&](const scalar_t* px, scalar_t* dst) {
-        copy_channels<true>(px, dst, runs, nruns, units, nunits);
-      });
+      f([&](const scalar_t* px, scalar_t* dst) { copy_channels<true>(px, dst, runs, nruns, units, nunits); });
       return;
     }
-    pack_taps_nhwc(ws, n, grp, t0, t1, [&](const scalar_t* px, scalar_t* dst) {
-      copy_channels<false>(px, dst, runs, nruns, nullptr, 0);
-    });
+    f([&](const scalar_t* px, scalar_t* dst) { copy_channels<false>(px, dst, runs, nruns, nullptr, 0); });
   }
 
   // The tap walk of pack_nhwc; copy_active(px, dst) writes the group's active channels of pixel px.
@@ -892,8 +1004,11 @@ void run_channel_conv(const ConvGeometry& g, const at::Tensor& x, const at::Tens
         });
         return;
       }
-      at::parallel_for(0, conv.items(), conv.grain(), [&](int64_t begin, int64_t end) {
-        with_activation(act, [&](auto A) { conv.template run<decltype(A)::value>(begin, end, true); });
+      const int64_t chunks = std::min<int64_t>(at::get_num_threads(), ceil_div(conv.items(), conv.grain()));
+      const std::vector<int64_t> bounds = conv.balanced_split(chunks);
+      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c)
+          with_activation(act, [&](auto A) { conv.template run<decltype(A)::value>(bounds[c], bounds[c + 1], true); });
       });
     };
     const auto write_means = [&](int64_t tiles) {
