@@ -293,8 +293,10 @@ def channel_gated_conv2d_cpu(name: str, n: int, cin: int, cout: int, h: int, w: 
                              dtype: str = "fp32", padding: int | None = None) -> list[Kernel]:
     """channel_gated_conv2d on the CPU (channels_last), per sample: the weight is reordered once per call;
     each sample gathers its weight slice (active outputs x active input runs per tap); each tile of
-    output pixels im2col-packs the active input channel runs (not for a 1x1 conv reading every input
-    channel: the GEMM reads x directly); one MKL GEMM per (sample, tile) computes the active outputs; with
+    output pixels packs the active input channel runs (float32 kernels wider than a pixel: a band of
+    the padded input rows, each pixel once, and GEMMs over virtual rows Vw = ceil((w + 2p) / stride)
+    pixels long; other dtypes im2col; a 1x1 conv reading every input channel nothing: the GEMM reads x
+    directly); one MKL GEMM per (sample, tile) computes the active outputs; with
     some outputs off the epilogue writes every output channel of y (zeros for the inactive ones), so
     the output bytes stay dense. Narrow grouped convolutions run dense instead, between gating passes."""
     b = DTYPE_BYTES[dtype]
@@ -325,18 +327,24 @@ def channel_gated_conv2d_cpu(name: str, n: int, cin: int, cout: int, h: int, w: 
                                     seg_in=run, indexed="gather")))
     map_bytes = n * cin * h * w * b
     pointwise = k == 1 and stride == 1 and (padding or 0) == 0
+    pad = k // 2 if padding is None else padding
+    banded = k > 1 and dtype == "fp32"  # tile_band in csrc/cpu/channel_gated_conv2d.cpp
+    gemm_row = -(-(w + 2 * pad) // stride) if banded else wo  # output pixels computed per row
     if pointwise and full_in:
         gemm_in = map_bytes  # the GEMM reads x in place
     else:
         # packed runs of active channels; DRAM reads whole cache lines of every touched pixel
         pen = access_penalty_bytes(run)
-        kernels.append(Kernel(name=f"{name}-pack", out=(n * ho * wo * taps, 1, 1, cin_k), macs=1,
+        packed_pixels = n * ho * wo * taps
+        if banded:
+            packed_pixels = n * (h + 2 * pad) * stride * gemm_row
+        kernels.append(Kernel(name=f"{name}-pack", out=(packed_pixels, 1, 1, cin_k), macs=1,
                               dtype_bytes=b, dtype=dtype, in_bytes=min(n * cin_k * h * w * b, map_bytes / pen),
                               seg_in=run, indexed="gather", launches=0))
         gemm_in = 0.0
     out_dense = n * cout * ho * wo * b
     kernels.append(dataclasses.replace(
-        _gemm(f"{name}-gemm", n, cout_k, ho * wo, cin_kg * taps, dtype, in_bytes=gemm_in,
+        _gemm(f"{name}-gemm", n, cout_k, ho * gemm_row, cin_kg * taps, dtype, in_bytes=gemm_in,
               w_bytes=w_full * b, out_bytes=out_dense, weight_per_sample=True), launches=1, blas=True))
     if cout_k < cout:  # epilogue from the GEMM's buffer into y, zeros included, one run of kept
         # output channels (and one zero fill) at a time
