@@ -29,8 +29,10 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 from laudnet_ops.models import laud_resnet50
+from laudnet_ops.models._common import inference_layout
 from laudnet_ops.nn import set_execution, set_force_keep, stats
 from laudnet_ops.nn.blocks import conv_weight_layout, missing_sparse_ops
+from laudnet_ops.nn.stats import part_densities
 from laudnet_ops.predictor.timing import steady_allocator
 GRANULARITY = {"dense": None, "spatial": (4, 4, 2, 1), "channel": 4, "layer": None}
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -67,6 +69,47 @@ def fused_residual_dense(model):
     return forward
 
 
+def blocks(model):
+    return [block for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for block in stage]
+
+
+def conv_floor(dense, sparse, x, min_run_time):
+    """``(dense ms, floor ms)``: the dense network's convolutions (with their ReLUs) each timed alone on
+    the input it gets in the dense forward, summed; and the same sum with each block's convolutions
+    scaled by the fraction of them ``sparse`` computed in its last forward. The second is what the
+    sparse network's convolutions would take if every sparse kernel ran at oneDNN's dense speed for
+    its shape: the floor its convolution time can be compared with."""
+    inputs = []
+    hooks = [block.register_forward_pre_hook(lambda _, args: inputs.append(args[0])) for block in blocks(dense)]
+    with torch.no_grad():
+        dense(x)
+    for hook in hooks:
+        hook.remove()
+
+    def ms(fn):
+        timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        return 1e3 * timer.blocked_autorange(min_run_time=min_run_time).median
+
+    image = inference_layout(x)
+    w, b = dense._stem_folded("conv1", dense.conv1, dense.bn1, conv_weight_layout(image))
+    stem = ms(lambda: F.relu_(F.conv2d(image, w, b, dense.conv1.stride, dense.conv1.padding)))
+    total = floor = stem
+    with torch.no_grad():
+        for block, twin, h in zip(blocks(dense), blocks(sparse), inputs):
+            density = part_densities(twin)
+            h1 = block._conv(h, 1)
+            h2 = block._conv(h1, 2)
+            parts = {"conv1": lambda: block._conv(h, 1), "conv2": lambda: block._conv(h1, 2),
+                     "conv3": lambda: block._conv(h2, 3, activation=False)}
+            if block._projection() is not None:
+                parts["downsample"] = lambda: block._identity(h)
+            for part, fn in parts.items():
+                t = ms(fn)
+                total += t
+                floor += t * density.get(part, 1.0)
+    return total, floor
+
+
 def measure(model, x, min_run_time):
     with torch.no_grad():
         model(x)  # warm-up: folds batch norm, primes oneDNN
@@ -85,6 +128,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--modes", default="spatial,channel,layer")
     parser.add_argument("--csv", help="also write the rows to this CSV file")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip timing each dense convolution alone for the spatial network's floor")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     steady_allocator()  # steady-state latencies for every variant, whatever ran before
@@ -136,6 +181,12 @@ def main(argv=None):
         flops = "" if r["flops_ratio"] is None else f"{r['flops_ratio']:.3f}"
         print(f"{r['network']:<18} {r['execution']:<36} {r['format']:<14} {r['ms']:>9.1f} {ratio:>7} {flops:>12} "
               f"{r['ratio_to_fastest_dense']:>13.3f}")
+    spatial = [c[3] for c in configs if c[4] == "spatial"]
+    if spatial and not args.no_floor:
+        total, floor = conv_floor(dense, spatial[0], inputs[LAUD_FORMAT], args.min_run_time / 10)
+        print(f"spatial at oneDNN's dense speed per convolution: the dense network's convolutions (each timed "
+              f"alone) {total:.1f} ms, scaled by the fractions the spatial network computes {floor:.1f} ms "
+              f"({floor / total:.3f}); its other ops (pooling, adds, head, maskers) are not in these sums")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -7,6 +7,7 @@ the scripts are run for predictions only, which is what a pure-Python install ca
 import csv
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -142,12 +143,17 @@ def test_bench_channel_layer_ops(tmp_path):
 
 
 @pytest.mark.skipif(extension_error is not None, reason="the sparse networks need the compiled extension")
-def test_bench_models(tmp_path):
+def test_bench_models(tmp_path, capsys):
     import bench_models
 
     path = tmp_path / "models.csv"
     bench_models.main(["--batch", "1", "--size", "32", "--threads", "1", "--rounds", "1", "--min-run-time", "0.005",
                        "--csv", str(path)])
+    floor = re.search(r"convolutions \(each timed alone\) ([\d.]+) ms, scaled .* ([\d.]+) ms \(([\d.]+)\)",
+                      capsys.readouterr().out)
+    assert floor, "no floor line"
+    dense_ms, floor_ms, ratio = map(float, floor.groups())
+    assert 0 < floor_ms < dense_ms and abs(ratio - floor_ms / dense_ms) < 2e-3
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     laud = [r for r in rows if r["execution"] in ("folded BN", "sparse")]

@@ -26,7 +26,7 @@ from torch import nn
 
 from .gather_conv import expand_patch_mask, halo_mask
 
-__all__ = ["BlockRecord", "stats", "sparsity_loss", "dilated_density"]
+__all__ = ["BlockRecord", "stats", "sparsity_loss", "dilated_density", "part_densities"]
 
 
 @dataclass
@@ -62,6 +62,15 @@ def _densities(record: BlockRecord) -> tuple:
     if mode == "layer":
         return mask.mean(), {"conv1": mask, "conv2": mask, "se": mask, "conv3": mask}
     raise ValueError(f"unknown mode {mode!r}")
+
+
+def part_densities(block: nn.Module) -> dict:
+    """The batch-mean fraction of each part (``"conv1"``, ``"conv2"``, ...) of a dynamic block that
+    its last forward computed; parts not listed (projection shortcut, masker) ran whole."""
+    record = getattr(block, "_laud_record", None)
+    if record is None:
+        raise RuntimeError("laudnet_ops.nn.stats: this block has not run a forward yet")
+    return {part: _float(torch.as_tensor(d).float().mean()) for part, d in _densities(record)[1].items()}
 
 
 def block_flops(record: BlockRecord) -> dict:
