@@ -37,8 +37,8 @@ def halo_mask(mask: torch.Tensor, patch_size: int, stride: int, in_hw: tuple, ou
     spread[:, :, 1 : Ho * stride + 1 : stride, 1 : Wo * stride + 1 : stride] = kept
     if kept.dtype.is_floating_point:  # a max keeps it exact for 0/1 masks and differentiable for the loss
         return F.max_pool2d(spread, 3, 1, 0)[:, :, :H, :W]
-    # bool (inference): the dilation as ORs of shifted views, row then column; a max pool over the
-    # float map cost 0.15 ms of 0.25 for a batch-8 56x56 map, the ORs 0.04
+    # bool (inference): the dilation as ORs of shifted views, row then column. For a batch-8 56x56
+    # map this function took 0.25 ms with a max pool over a float copy (0.15 of it the pool), 0.07 so.
     rows = spread[..., :-2] | spread[..., 1:-1] | spread[..., 2:]
     return (rows[..., :-2, :] | rows[..., 1:-1, :] | rows[..., 2:, :])[:, :, :H, :W]
 
