@@ -47,6 +47,10 @@ def build(mode, keep, state):
     return model.eval()
 
 
+def blocks(model):
+    return [block for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for block in stage]
+
+
 def fused_residual_dense(model):
     """``model`` (a dense LaudResNet in eval) with conv3 + add + ReLU of every block as one oneDNN call;
     None where this torch build lacks that post-op."""
@@ -57,20 +61,14 @@ def fused_residual_dense(model):
     def forward(x):
         w, b = model._stem_folded("conv1", model.conv1, model.bn1, conv_weight_layout(x))
         x = model.maxpool(F.relu_(F.conv2d(x, w, b, model.conv1.stride, model.conv1.padding)))
-        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
-            for block in stage:
-                h = block._conv(block._conv(x, 1), 2)
-                w, b = block._fold("conv3", block.conv3, block.bn3, conv_weight_layout(h))
-                # The identity (this forward's own intermediate map) receives the result.
-                x = post_op.binary(block._identity(x), h, w, b, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, "relu", [],
-                                   "")
+        for block in blocks(model):
+            h = block._conv(block._conv(x, 1), 2)
+            w, b = block._fold("conv3", block.conv3, block.bn3, conv_weight_layout(h))
+            # The identity (this forward's own intermediate map) receives the result.
+            x = post_op.binary(block._identity(x), h, w, b, [0, 0], [1, 1], [1, 1], 1, "add", 1.0, "relu", [], "")
         return model.fc(torch.flatten(model.avgpool(x), 1))
 
     return forward
-
-
-def blocks(model):
-    return [block for stage in (model.layer1, model.layer2, model.layer3, model.layer4) for block in stage]
 
 
 def conv_floor(dense, sparse, x, min_run_time):
