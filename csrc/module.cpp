@@ -1,8 +1,8 @@
 // The Python module laudnet_ops._C: importing it loads this shared library,
 // whose static initialisers register every op with the dispatcher
 // (TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL in the other files). Its only
-// Python functions are the tensor-core switch, which is process state rather
-// than an op (laudnet_ops.set_tensor_cores and friends wrap them).
+// Python functions are the tensor-core and experimental-kernel switches, which are
+// process state rather than ops (laudnet_ops.set_tensor_cores and friends wrap them).
 //
 // Only Python's stable ABI is used, so one build, _C.abi3.so, loads in every later
 // Python; the kernels never touch Python. Recent torch passes Py_LIMITED_API itself.
@@ -46,11 +46,26 @@ PyObject* py_set_tensor_cores(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+PyObject* py_experimental_kernels_enabled(PyObject*, PyObject*) {
+  return PyBool_FromLong(laudnet_ops::experimental_kernels_enabled());
+}
+
+PyObject* py_set_experimental_kernels(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  laudnet_ops::set_experimental_kernels(on != 0);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"tensor_cores_built", py_tensor_cores_built, METH_NOARGS, "Whether the tensor-core kernels were built."},
     {"tensor_cores_enabled", py_tensor_cores_enabled, METH_NOARGS, "Whether the tensor-core kernels are on."},
     {"set_tensor_cores", py_set_tensor_cores, METH_O, "Turn the tensor-core kernels on or off."},
     {"tensor_core_calls", py_tensor_core_calls, METH_NOARGS, "Number of op calls that ran on tensor cores."},
+    {"experimental_kernels_enabled", py_experimental_kernels_enabled, METH_NOARGS,
+     "Whether CUDA paths not yet run on a GPU are taken."},
+    {"set_experimental_kernels", py_set_experimental_kernels, METH_O,
+     "Turn the CUDA paths not yet run on a GPU on or off."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

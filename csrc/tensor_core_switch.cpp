@@ -52,6 +52,17 @@ void count_tensor_core_call() { call_counter().fetch_add(1); }
 
 int64_t tensor_core_calls() { return call_counter().load(); }
 
+namespace {
+std::atomic<bool>& experimental_flag() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+}  // namespace
+
+bool experimental_kernels_enabled() { return experimental_flag().load(); }
+
+void set_experimental_kernels(bool on) { experimental_flag().store(on); }
+
 TORCH_LIBRARY_FRAGMENT(laudnet_ops, m) {
   // Returns whether the tensor-core kernel ran (false: ineligible, switched off, or not built).
   m.def("_tensor_core_conv1x1_scatter_add_(Tensor(a!) out, Tensor packed, Tensor indices, Tensor weight, "
@@ -59,7 +70,7 @@ TORCH_LIBRARY_FRAGMENT(laudnet_ops, m) {
   // CPU emulations of the tensor-core kernels (float32): the kernels' gather and epilogue index math
   // run on the host, so tests validate it without a GPU. Built with the tensor-core kernels only.
   m.def("_tensor_core_emulate_gather_conv2d(Tensor x, Tensor indices, Tensor weight, Tensor? bias, "
-        "int patch_size, int stride, int padding, int dilation, str activation) -> Tensor");
+        "int patch_size, int stride, int padding, int dilation, int groups, str activation) -> Tensor");
   m.def("_tensor_core_emulate_masker_conv1x1(Tensor x, Tensor weight, Tensor? bias, Tensor mask_weight, "
         "Tensor? mask_bias, int patch_size, int stride, str activation) -> (Tensor, Tensor)");
   m.def("_tensor_core_emulate_channel_gated_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? in_gates, "

@@ -22,4 +22,11 @@ void mark_tensor_cores_built();
 void count_tensor_core_call();
 int64_t tensor_core_calls();
 
+// Whether CUDA paths that compile and pass the CPU-side tests but have not yet run on a GPU are taken
+// (default off; LAUDNET_OPS_EXPERIMENTAL=1 at import, or laudnet_ops.set_experimental_kernels). Each
+// such path names itself "experimental" where it checks this; a GPU run that validates it makes it
+// the default and drops the check.
+bool experimental_kernels_enabled();
+void set_experimental_kernels(bool on);
+
 }  // namespace laudnet_ops

@@ -107,6 +107,43 @@ def _apply_tensor_core_env() -> None:
 _apply_tensor_core_env()
 
 
+# ---------------------------------------------------------------- experimental kernels
+# CUDA paths that compile and pass every CPU-side test (the tensor-core index math runs in CPU
+# emulations, the ATen composites on CPU tensors) but have not yet run on a GPU. Off by default: the
+# GPU-validated path serves those calls until a GPU run validates them (benchmarks/gpu_check.sh runs
+# the CUDA tests with them on). docs/ops.md lists them.
+_EXPERIMENTAL_ENV = "LAUDNET_OPS_EXPERIMENTAL"
+
+
+def experimental_kernels_enabled() -> bool:
+    """Whether CUDA calls take the paths that have not yet run on a GPU (False without the extension)."""
+    if extension_error is not None:
+        return False
+    return bool(_compiled_module().experimental_kernels_enabled())
+
+
+def set_experimental_kernels(enabled: bool) -> None:
+    """Let CUDA calls take the paths not yet validated on a GPU (see docs/ops.md, "Experimental CUDA
+    paths"), or stop them (the default, unless LAUDNET_OPS_EXPERIMENTAL=1 was set at import).
+
+    Raises ImportError without the compiled extension."""
+    require_extension()
+    _compiled_module().set_experimental_kernels(bool(enabled))
+
+
+def _apply_experimental_env() -> None:
+    value = os.environ.get(_EXPERIMENTAL_ENV, "").strip().lower()
+    if extension_error is not None or value in ("", "0", "false", "no", "off"):
+        return
+    if value in ("1", "true", "yes", "on"):
+        set_experimental_kernels(True)
+    else:
+        warnings.warn(f"laudnet_ops: {_EXPERIMENTAL_ENV} must be 1 or 0, got {value!r}; experimental kernels stay off")
+
+
+_apply_experimental_env()
+
+
 def _tensor_core_calls() -> int:
     """How many op calls ran on tensor cores in this process (for tests and benchmarks)."""
     if extension_error is not None:

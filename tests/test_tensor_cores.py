@@ -118,6 +118,45 @@ def test_switch_without_extension_says_why():
 
 
 @needs_extension
+def test_experimental_paths_are_off_by_default_and_the_environment_turns_them_on():
+    code = "import laudnet_ops; print(laudnet_ops.experimental_kernels_enabled())"
+    for value, expected in (("", "False"), ("0", "False"), ("1", "True"), ("on", "True")):
+        out = run_python(code, LAUDNET_OPS_EXPERIMENTAL=value)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == expected, value
+    out = run_python(code, LAUDNET_OPS_EXPERIMENTAL="maybe")
+    assert out.stdout.strip() == "False"
+    assert "LAUDNET_OPS_EXPERIMENTAL must be 1 or 0, got 'maybe'" in out.stderr
+
+
+@needs_extension
+def test_experimental_switch_round_trip():
+    before = laudnet_ops.experimental_kernels_enabled()
+    try:
+        for on in (True, False, True):
+            laudnet_ops.set_experimental_kernels(on)
+            assert laudnet_ops.experimental_kernels_enabled() is on
+    finally:
+        laudnet_ops.set_experimental_kernels(before)
+
+
+def test_experimental_switch_without_extension_says_why():
+    code = (
+        "import sys; sys.modules['laudnet_ops._C'] = None\n"
+        "import laudnet_ops\n"
+        "print(laudnet_ops.experimental_kernels_enabled())\n"
+        "try:\n"
+        "    laudnet_ops.set_experimental_kernels(True)\n"
+        "except ImportError as e:\n"
+        "    print('IMPORTERROR', e)\n"
+    )
+    out = run_python(code, LAUDNET_OPS_EXPERIMENTAL="1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("False")
+    assert "IMPORTERROR" in out.stdout and "could not be loaded" in out.stdout
+
+
+@needs_extension
 def test_the_fused_scatter_entry_point_is_registered():
     assert hasattr(torch.ops.laudnet_ops, "_tensor_core_conv1x1_scatter_add_")
     if laudnet_ops.cuda_kernels_built():
@@ -227,6 +266,16 @@ GATHER_SHAPES = [
 ]
 
 
+# N, Cin, Cout, H, W, k, S, stride, padding, dilation, groups: one GEMM per group (z = group)
+GROUPED_GATHER_SHAPES = [
+    (2, 32, 32, 9, 11, 3, 4, 1, 1, 1, 4),     # RegNet-like: 8 channels a group, odd map
+    (1, 48, 24, 13, 10, 3, 2, 2, 1, 1, 3),    # stride 2, Cog = 8, Cg = 16 (two vectors a tap)
+    (2, 16, 272, 7, 7, 3, 4, 1, 1, 1, 2),     # Cog = 136: two column tiles per group
+    (1, 64, 64, 12, 12, 3, 4, 1, 2, 2, 8),    # dilation 2, 8 groups
+    (2, 24, 6, 8, 9, 1, 3, 1, 0, 1, 3),       # 1x1, Cog = 2
+]
+
+
 def gather_case(shape, keep, dtype, seed, device="cuda"):
     N, Cin, Cout, H, W, k, S, stride, padding, dilation = shape
     gen = torch.Generator().manual_seed(seed)
@@ -290,11 +339,41 @@ def test_gather_conv2d_ineligible_calls_fall_back_to_simt(tensor_cores, case):
     xd = xd.contiguous(memory_format=torch.channels_last) if spec["layout"] == "channels_last" else xd.contiguous()
     with Calls() as calls:
         got = laudnet_ops.gather_conv2d(xd, idx, w.to("cuda", dtype), b.to("cuda", dtype), **conv, groups=groups)
-    assert calls.count == 0
+    # (grouped calls take the tensor cores when the experimental paths are on, as in gpu_check.sh's third run)
+    assert calls.count == int(case == "grouped" and laudnet_ops.experimental_kernels_enabled())
     ref = reference.gather_conv2d(xd.double(), idx, w.to("cuda", dtype).double(), b.to("cuda", dtype).double(),
                                   **conv, groups=groups)
     tol = TC_TOL.get(dtype, dict(atol=1e-4, rtol=1e-4))
     torch.testing.assert_close(got.double(), ref, **tol)
+
+
+@pytest.fixture
+def experimental():
+    """The experimental (not yet GPU-validated) paths on for the test; the switch restored after."""
+    before = laudnet_ops.experimental_kernels_enabled()
+    laudnet_ops.set_experimental_kernels(True)
+    yield
+    laudnet_ops.set_experimental_kernels(before)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GROUPED_GATHER_SHAPES,
+                         ids=lambda s: "N{}_C{}-{}_{}x{}_k{}_S{}_s{}_p{}_d{}_g{}".format(*s))
+def test_grouped_gather_conv2d_on_tensor_cores_is_experimental(tensor_cores, experimental, dtype, shape):
+    groups = shape[-1]
+    x, idx, w, b, conv = gather_case(shape[:-1], 0.5, dtype, seed=seed_of(shape, "cuda"))
+    w = w[:, : w.shape[1] // groups].contiguous()
+    args = (cl(x, dtype), idx, cl(w, dtype), b.to("cuda", dtype))
+    with Calls() as calls:
+        got = laudnet_ops.gather_conv2d(*args, **conv, groups=groups)
+    assert calls.count == (1 if idx.shape[0] else 0)
+    ref = reference.gather_conv2d(*(t.float() if t.is_floating_point() else t for t in args), **conv, groups=groups)
+    assert_close_to_reference(got, ref, dtype)
+    laudnet_ops.set_experimental_kernels(False)  # the validated default: grouped calls stay on SIMT
+    with Calls() as calls:
+        laudnet_ops.gather_conv2d(*args, **conv, groups=groups)
+    assert calls.count == 0
 
 
 @cuda
@@ -536,9 +615,25 @@ def test_emulated_gather_conv2d_index_math(shape, keep):
     x, idx, w, b, conv = gather_case(shape, keep, torch.float32, seed=seed_of(shape, keep), device="cpu")
     x, w, b = x.float(), w.float(), b.float()
     for activation, bias in (("relu", b), ("none", None)):
-        got = op(x, idx, w, bias, conv["patch_size"], conv["stride"], conv["padding"], conv["dilation"], activation)
+        got = op(x, idx, w, bias, conv["patch_size"], conv["stride"], conv["padding"], conv["dilation"], 1,
+                 activation)
         ref = reference.gather_conv2d(x, idx, w, bias, **conv, activation=activation)
         assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, ref, **EXACT)
+
+
+@pytest.mark.parametrize("shape", GROUPED_GATHER_SHAPES,
+                         ids=lambda s: "N{}_C{}-{}_{}x{}_k{}_S{}_s{}_p{}_d{}_g{}".format(*s))
+@pytest.mark.parametrize("keep", [0.0, 0.5, 1.0])
+def test_emulated_grouped_gather_conv2d_index_math(shape, keep):
+    op = emulated("gather_conv2d")
+    groups = shape[-1]
+    x, idx, w, b, conv = gather_case(shape[:-1], keep, torch.float32, seed=seed_of(shape, keep), device="cpu")
+    x, w, b = x.float(), w[:, : w.shape[1] // groups].float().contiguous(), b.float()
+    for activation, bias in (("relu", b), ("none", None)):
+        got = op(x, idx, w, bias, conv["patch_size"], conv["stride"], conv["padding"], conv["dilation"], groups,
+                 activation)
+        ref = reference.gather_conv2d(x, idx, w, bias, **conv, groups=groups, activation=activation)
         torch.testing.assert_close(got, ref, **EXACT)
 
 
@@ -603,10 +698,12 @@ def test_emulation_rejects_what_the_kernels_cannot_take():
     op = emulated("gather_conv2d")
     x = torch.randn(1, 12, 6, 6)
     idx = torch.zeros(1, 3, dtype=torch.int32)
-    with pytest.raises(RuntimeError, match="Cin must be a multiple of 8, got 12"):
-        op(x, idx, torch.randn(4, 12, 3, 3), None, 2, 1, 1, 1, "relu")
+    with pytest.raises(RuntimeError, match="channels per group must be a multiple of 8, got 12"):
+        op(x, idx, torch.randn(4, 12, 3, 3), None, 2, 1, 1, 1, 1, "relu")
+    with pytest.raises(RuntimeError, match="channels per group must be a multiple of 8, got 4"):
+        op(torch.randn(1, 16, 6, 6), idx, torch.randn(4, 4, 3, 3), None, 2, 1, 1, 1, 4, "relu")
     with pytest.raises(RuntimeError, match="float32 CPU tensors"):
-        op(x[:, :8].double(), idx, torch.randn(4, 8, 3, 3).double(), None, 2, 1, 1, 1, "relu")
+        op(x[:, :8].double(), idx, torch.randn(4, 8, 3, 3).double(), None, 2, 1, 1, 1, 1, "relu")
 
 
 # ---------------------------------------------------------------- the benchmark (CPU-side)
@@ -636,8 +733,9 @@ def test_benchmark_peaks_come_from_the_device_name_or_the_overrides():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
-def test_benchmark_without_a_gpu_says_so():
-    out = subprocess.run([sys.executable, os.path.join("benchmarks", "bench_tensor_cores.py")], capture_output=True,
+@pytest.mark.parametrize("script", ["bench_tensor_cores.py", "bench_experimental.py"])
+def test_benchmark_without_a_gpu_says_so(script):
+    out = subprocess.run([sys.executable, os.path.join("benchmarks", script)], capture_output=True,
                          text=True, cwd=ROOT)
     assert out.returncode != 0
     assert "needs a CUDA GPU" in out.stderr

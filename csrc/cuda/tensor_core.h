@@ -21,7 +21,8 @@
 namespace laudnet_ops {
 
 // packed (P, Cout, S, S) channels_last; x channels_last; weight (Cout, Cin, K, K); bias undefined or (Cout,).
-// Also needs groups == 1 and Cin % 8 == 0 (grouped convolutions stay on SIMT).
+// Also needs Cin / groups % 8 == 0; groups > 1 only with the experimental switch on (not yet run on
+// a GPU), else grouped convolutions stay on SIMT.
 bool tensor_core_gather_conv2d(at::Tensor& packed, const at::Tensor& x, const at::Tensor& indices,
                                const at::Tensor& weight, const at::Tensor& bias, const GatherConvGeometry& g,
                                Activation act);

@@ -9,7 +9,12 @@
 // input channels, matching the weight permuted to (Cout, K, K, Cin). A vector of 8 channels of
 // one tap is zero where its input pixel lies in the padding, or where (i, j) of a border patch
 // lies outside the output map (those positions of packed are written as zeros, as the contract
-// says). Grouped convolutions stay on the SIMT kernel.
+// says).
+//
+// A grouped convolution is one GEMM per group, z = group: the group's Cg input channels form k, its
+// Cog output channels the columns. EXPERIMENTAL (groups > 1 only): its index math passes the CPU
+// emulation tests, but it has not run on a GPU, so grouped calls take it only with the experimental
+// switch on (tensor_core_switch.h). With groups == 1, z is 0 and every group offset below is zero.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -32,7 +37,7 @@ struct GatherConvProblem {
   const int32_t* idx;
   E* out;            // (P, S, S, Cout)
   int64_t H, W, Ho, Wo, P;
-  int Cin, Cout, K, S, stride, padding, dilation;
+  int Cin, Cout, Cg, Cog, K, S, stride, padding, dilation;  // Cg, Cog: channels per group
   bool relu;
 
   struct RowA {
@@ -51,9 +56,9 @@ struct GatherConvProblem {
   };
 
   CUTE_HOST_DEVICE int64_t rows(int) const { return P * S * S; }
-  CUTE_HOST_DEVICE int cols(int) const { return Cout; }
-  CUTE_HOST_DEVICE int active_cols(int) const { return Cout; }
-  CUTE_HOST_DEVICE int kvecs(int) const { return K * K * (Cin / kVec); }
+  CUTE_HOST_DEVICE int cols(int) const { return Cog; }
+  CUTE_HOST_DEVICE int active_cols(int) const { return Cog; }
+  CUTE_HOST_DEVICE int kvecs(int) const { return K * K * (Cg / kVec); }
   CUTE_HOST_DEVICE const E* any_src() const { return x; }
 
   // Output position (n, oy, ox) of row m; inside is false past the map's bottom or right border.
@@ -71,26 +76,29 @@ struct GatherConvProblem {
     return RowA{n * H * W, static_cast<int>(oy * stride - padding), static_cast<int>(ox * stride - padding),
                 oy < Ho && ox < Wo};
   }
-  CUTE_HOST_DEVICE KA k_a(int, int kv) const {
-    const int cvecs = Cin / kVec;
+  CUTE_HOST_DEVICE KA k_a(int z, int kv) const {
+    const int cvecs = Cg / kVec;
     const int tap = kv / cvecs;
-    return KA{(tap / K) * dilation, (tap % K) * dilation, (kv - tap * cvecs) * kVec};
+    return KA{(tap / K) * dilation, (tap % K) * dilation, z * Cg + (kv - tap * cvecs) * kVec};
   }
   CUTE_HOST_DEVICE const E* a_src(const RowA& r, const KA& k) const {
     const int iy = r.iy0 + k.dy, ix = r.ix0 + k.dx;
     if (!r.inside || iy < 0 || iy >= H || ix < 0 || ix >= W) return nullptr;
     return x + (r.pixel0 + static_cast<int64_t>(iy) * W + ix) * Cin + k.c;
   }
-  CUTE_HOST_DEVICE RowB row_b(int, int n) const { return RowB{w + static_cast<int64_t>(n) * K * K * Cin}; }
+  CUTE_HOST_DEVICE RowB row_b(int z, int n) const {
+    return RowB{w + static_cast<int64_t>(z * Cog + n) * K * K * Cg};
+  }
   CUTE_HOST_DEVICE KB k_b(int, int kv) const { return KB{kv * kVec}; }
   CUTE_HOST_DEVICE const E* b_src(const RowB& r, const KB& k) const { return r.w + k.offset; }
 
-  CUTE_HOST_DEVICE void store(int, int64_t m, int n, float acc) const {
+  CUTE_HOST_DEVICE void store(int z, int64_t m, int n, float acc) const {
     int64_t nn, oy, ox;
     position(m, nn, oy, ox);
+    const int co = z * Cog + n;
     float v = 0.f;
-    if (oy < Ho && ox < Wo) v = epilogue_activation(acc + (bias != nullptr ? float(bias[n]) : 0.f), relu);
-    out[m * Cout + n] = E(v);
+    if (oy < Ho && ox < Wo) v = epilogue_activation(acc + (bias != nullptr ? float(bias[co]) : 0.f), relu);
+    out[m * Cout + co] = E(v);
   }
 };
 
@@ -100,24 +108,26 @@ void run_gather_conv(at::Tensor& packed, const at::Tensor& x, const at::Tensor& 
                      const at::Tensor& bias, const GatherConvGeometry& g, Activation act, Launch&& launch) {
   GatherConvProblem<E> p{cptr<E>(x), cptr<E>(w_perm), cptr<E>(bias), idx.data_ptr<int32_t>(), mptr<E>(packed),
                          g.H, g.W, g.Ho, g.Wo, g.P,
-                         static_cast<int>(g.Cin), static_cast<int>(g.Cout), static_cast<int>(g.K),
-                         static_cast<int>(g.S), static_cast<int>(g.stride), static_cast<int>(g.padding),
-                         static_cast<int>(g.dilation), act == Activation::kRelu};
-  launch(p, g.P * g.S * g.S, g.Cout, 1);
+                         static_cast<int>(g.Cin), static_cast<int>(g.Cout), static_cast<int>(g.Cg),
+                         static_cast<int>(g.Cog), static_cast<int>(g.K), static_cast<int>(g.S),
+                         static_cast<int>(g.stride), static_cast<int>(g.padding), static_cast<int>(g.dilation),
+                         act == Activation::kRelu};
+  launch(p, g.P * g.S * g.S, g.Cog, g.groups);
 }
 
-// Weight (Cout, Cin, K, K) -> (Cout, K, K, Cin): k = (kh, kw, c), the order the A loader walks.
+// Weight (Cout, Cg, K, K) -> (Cout, K, K, Cg): k = (kh, kw, c), the order the A loader walks.
 at::Tensor taps_major(const at::Tensor& weight) { return weight.permute({0, 2, 3, 1}).contiguous(); }
 
 // CPU emulation (tests): float32, channels_last result.
 at::Tensor gather_conv2d_emulated(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& weight,
                                   const c10::optional<at::Tensor>& bias, int64_t patch_size, int64_t stride,
-                                  int64_t padding, int64_t dilation, c10::string_view activation) {
+                                  int64_t padding, int64_t dilation, int64_t groups,
+                                  c10::string_view activation) {
   const char* op = "_tensor_core_emulate_gather_conv2d";
   const GatherConvGeometry g =
-      check_gather_conv_args(x, indices, weight, bias, patch_size, stride, padding, dilation, 1, op);
+      check_gather_conv_args(x, indices, weight, bias, patch_size, stride, padding, dilation, groups, op);
   check_emulation_input(x, op);
-  TORCH_CHECK(g.Cin % kVec == 0, op, ": Cin must be a multiple of 8, got ", g.Cin);
+  TORCH_CHECK(g.Cg % kVec == 0, op, ": input channels per group must be a multiple of 8, got ", g.Cg);
   const Activation act = parse_activation(activation, op);
   const at::Tensor idx = indices.contiguous();
   check_rows_in_grid(idx, g.N, g.Hp, g.Wp, op);
@@ -136,7 +146,9 @@ bool tensor_core_gather_conv2d(at::Tensor& packed, const at::Tensor& x, const at
                                const at::Tensor& weight, const at::Tensor& bias, const GatherConvGeometry& g,
                                Activation act) {
   if (!tc::switch_and_device_allow(x)) return false;
-  if (g.groups != 1 || g.Cin % tc::kVec != 0) return false;
+  if (g.Cg % tc::kVec != 0) return false;
+  if (g.groups != 1 && !experimental_kernels_enabled()) return false;
+  if (g.groups > 65535) return false;  // one grid z per group
   if (!tc::channels_last_map(x) || !tc::channels_last_map(packed)) return false;
   if (g.P == 0 || g.Cout == 0) return true;
   const c10::cuda::CUDAGuard guard(x.device());
