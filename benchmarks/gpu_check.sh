@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one prepared check for a machine with a GPU (no internet needed): build the extension for the
-# visible GPU (or take a matching prebuilt one), run the CUDA tests with the SIMT kernels and again with
-# the tensor cores on, compute-sanitizer's memcheck over the sparse kernels, the tensor-core benchmark
-# with a kernel trace, Nsight Compute over the tensor-core GEMMs, the block and fusion-ablation
-# benchmarks, and write the summary to benchmarks/results/gpu-<device>-<commit>.md.
+# visible GPU (or take a matching prebuilt one), run the CUDA tests with the SIMT kernels, again with
+# the tensor cores on, and once more with the experimental paths on, compute-sanitizer's memcheck over
+# the sparse kernels, the tensor-core benchmark with a kernel trace, Nsight Compute over the tensor-core
+# GEMMs, the block, experimental-path and fusion-ablation benchmarks, and write the summary to
+# benchmarks/results/gpu-<device>-<commit>.md.
 # Fits one 600 s device call: the step caps add up to at most 540 s (the network benchmark is left
 # out; run benchmarks/bench_network.py on its own).
 #
@@ -96,20 +97,25 @@ else
 fi
 
 # One device call may run 600 s: the step caps below add up to at most 540 s (tests/test_tensor_cores.py
-# checks). The CUDA tests run twice: every call on the SIMT kernels, then with the tensor cores on.
+# checks). The CUDA tests run three times: every call on the SIMT kernels, with the tensor cores on, and
+# with the experimental paths (not yet run on a GPU before: docs/ops.md) on as well.
 FAST_TESTS=(-m cuda -q -p no:cacheprovider -rfE -k "not property and not compile")  # inductor compiles take minutes
 $PY -c 'import xdist' 2>/dev/null && FAST_TESTS+=(-n 8)
-step cuda-tests 70 env LAUDNET_OPS_TENSOR_CORES=0 $PY -m pytest tests --maxfail=40 "${FAST_TESTS[@]}"
-step tc-tests 45 env LAUDNET_OPS_TENSOR_CORES=1 $PY -m pytest tests/test_tensor_cores.py tests/test_gather_conv2d.py \
+step cuda-tests 55 env LAUDNET_OPS_TENSOR_CORES=0 $PY -m pytest tests --maxfail=40 "${FAST_TESTS[@]}"
+step tc-tests 40 env LAUDNET_OPS_TENSOR_CORES=1 $PY -m pytest tests/test_tensor_cores.py tests/test_gather_conv2d.py \
   tests/test_masker_conv1x1.py tests/test_channel_gated_conv2d.py tests/test_conv1x1_scatter_add.py \
   tests/test_nn_blocks.py --maxfail=40 "${FAST_TESTS[@]}"
+step exp-tests 40 env LAUDNET_OPS_TENSOR_CORES=1 LAUDNET_OPS_EXPERIMENTAL=1 $PY -m pytest tests/test_tensor_cores.py \
+  tests/test_gather_conv2d.py tests/test_gather_conv2d_tiles.py tests/test_nn_blocks.py tests/test_nn_gather_conv.py \
+  --maxfail=40 "${FAST_TESTS[@]}"
 
-# memcheck on the sparse kernels: the tensor-core ones, then the SIMT ones (layouts, borders, empty inputs).
+# memcheck on the sparse kernels: the tensor-core ones (the experimental grouped GEMM included), then the
+# SIMT ones (layouts, borders, empty inputs).
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  step memcheck 35 env LAUDNET_OPS_TENSOR_CORES=1 compute-sanitizer --tool memcheck --error-exitcode 3 \
+  step memcheck 25 env LAUDNET_OPS_TENSOR_CORES=1 LAUDNET_OPS_EXPERIMENTAL=1 compute-sanitizer --tool memcheck --error-exitcode 3 \
     $PY -m pytest tests/test_tensor_cores.py -m cuda -q -p no:cacheprovider \
     -k "float16 and not bfloat16 and (N2_C16 or N2_C32 or N3_C8) and not all_on and not all_off"
-  step memcheck-simt 40 env LAUDNET_OPS_TENSOR_CORES=0 compute-sanitizer --tool memcheck --error-exitcode 3 \
+  step memcheck-simt 30 env LAUDNET_OPS_TENSOR_CORES=0 compute-sanitizer --tool memcheck --error-exitcode 3 \
     $PY -m pytest tests/test_gather_conv2d.py tests/test_scatter_add.py tests/test_layer_skip.py \
     tests/test_conv1x1_scatter_add.py tests/test_patch_indices.py tests/test_masker_conv1x1.py \
     tests/test_channel_gated_conv2d.py -m cuda -q -p no:cacheprovider -k "memory_formats or empty_inputs \
@@ -122,7 +128,7 @@ step bench-tc 35 $PY benchmarks/bench_tensor_cores.py --batch 128 --min-ms 40 --
   --csv "$LOGDIR/bench_tensor_cores.csv"
 # Nsight Compute on the tensor-core GEMMs at stage 2 (each op runs twice; all eight launches profiled).
 if command -v ncu >/dev/null 2>&1; then
-  step ncu 35 ncu --clock-control none -k regex:gather_gemm --launch-count 8 --section SpeedOfLight \
+  step ncu 30 ncu --clock-control none -k regex:gather_gemm --launch-count 8 --section SpeedOfLight \
     --section Occupancy --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
     --section MemoryWorkloadAnalysis $PY benchmarks/bench_tensor_cores.py --ncu --stages stage2
 else
@@ -137,6 +143,7 @@ step bench-on 30 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/bench_block.py "$
   --modes dense,spatial,layer --csv "$LOGDIR/bench_block.csv"
 step bench-ch 25 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/bench_block.py "${BLOCK_ARGS[@]}" \
   --modes dense,channel --granularity 16 --no-unfused --csv "$LOGDIR/bench_block_channel.csv"
+step bench-exp 25 $PY benchmarks/bench_experimental.py --batch 128 --csv "$LOGDIR/bench_experimental.csv"
 step ablation 25 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/ablation_fusion.py --gpu $PROFILE --batch 128 \
   --dtype fp16 --measure cuda --min-run-time 0.05 --quiet --csv "$LOGDIR/ablation_fusion.csv"
 
@@ -147,7 +154,8 @@ report() {  # the summary and the tables, as markdown
   cat "$summary"
   echo '```'
   for part in bench-tc:bench_tensor_cores "bench:bench_block, SIMT kernels" "bench-on:bench_block" \
-      "bench-ch:bench_block, channel skipping at G = 16" "ablation:ablation_fusion"; do
+      "bench-ch:bench_block, channel skipping at G = 16" "bench-exp:bench_experimental" \
+      "ablation:ablation_fusion"; do
     echo
     echo "## ${part#*:}"
     echo

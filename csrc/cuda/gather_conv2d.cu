@@ -2,7 +2,9 @@
 //
 // Run on an NVIDIA H200 (sm_90): the CUDA cases of tests/test_gather_conv2d.py
 // pass there (benchmarks/results/gpu-NVIDIA-H200-*.md). Correct but slow -- far
-// slower than cuDNN's dense conv; eligible calls take the tensor-core kernel.
+// slower than cuDNN's dense conv; eligible calls take the tensor-core kernel, and
+// with the experimental switch on the others take the halo tiles through cuDNN
+// (gather_conv2d_tiles.cpp), which has not run on a GPU yet.
 //
 // A direct SIMT convolution: one thread per element of packed, which reads its
 // receptive field (the halo) straight from x -- no gathered input, no im2col.
@@ -20,6 +22,8 @@
 #include <torch/library.h>
 
 #include "../activation.h"
+#include "../gather_conv2d_tiles.h"
+#include "../tensor_core_switch.h"
 #include "../spatial_conv.h"
 #include "patch_grid.cuh"
 #include "launch.cuh"
@@ -93,6 +97,8 @@ at::Tensor gather_conv2d_cuda(const at::Tensor& x, const at::Tensor& indices, co
   const int64_t total = packed.numel();
   if (total == 0) return packed;
   if (tensor_core_gather_conv2d(packed, src, idx, wc, b, g, act)) return packed;
+  // Experimental (not yet run on a GPU): the halo tiles through cuDNN, instead of the kernel below.
+  if (experimental_kernels_enabled()) return gather_conv2d_by_tiles(src, idx, wc, b, g, act);
   const bool nhwc = layout == at::MemoryFormat::ChannelsLast;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gather_conv2d_cuda", [&] {
     with_activation(act, [&](auto A) {
