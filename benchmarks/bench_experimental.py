@@ -6,6 +6,11 @@ On a GPU, ResNet-50 / RegNet stage shapes at batch 128, half the S = 4 patches k
                                | dense F.conv2d 3x3
   gather_conv2d grouped fp16   3x3, 16 channels a group (RegNet's group width): SIMT kernel | one
                                tensor-core GEMM per group (experimental) | dense grouped F.conv2d 3x3
+  masker_conv1x1 float32       1x1 4*width->width + 1 masker channel: SIMT kernel | two cuDNN 1x1
+                               convs and a pooling (experimental) | dense F.conv2d 1x1
+  conv1x1_scatter_add float32  1x1 width->4*width on the packed patches + scatter-add onto the
+                               residual: SIMT kernel | cuDNN 1x1 conv + scatter_add kernel
+                               (experimental) | dense F.conv2d 1x1 over the whole map + add + relu
 
 Each row also reports the largest difference between the two sparse paths' outputs (both computed
 here, so a wrong experimental result shows next to its speed). cuDNN settings are torch's defaults
@@ -64,10 +69,38 @@ def gather_case(N, side, width, groups, dtype, args, gen):
             lambda: F.conv2d(x, wcl, b, 1, 1, groups=groups))
 
 
+def masker_case(N, side, width, args, gen):
+    cin = 4 * width
+    x = cl(torch.randn(N, cin, side, side, generator=gen).cuda())
+    w = (torch.randn(width, cin, 1, 1, generator=gen) / math.sqrt(cin)).cuda()
+    b = torch.randn(width, generator=gen).cuda()
+    mw = (torch.randn(1, cin, 1, 1, generator=gen) / math.sqrt(cin)).cuda()
+    mb = torch.randn(1, generator=gen).cuda()
+    wcl = cl(w)
+    return (lambda: laudnet_ops.masker_conv1x1(x, w, b, mw, mb, args.patch_size),
+            lambda: F.conv2d(x, wcl, b))
+
+
+def conv1x1_scatter_add_case(N, side, width, args, gen):
+    S, cout = args.patch_size, 4 * width
+    mask = torch.rand(N, math.ceil(side / S), math.ceil(side / S), generator=gen) < args.rate
+    idx = reference.patch_indices(mask).cuda()
+    packed = cl(torch.randn(idx.shape[0], width, S, S, generator=gen).cuda())
+    w = (torch.randn(cout, width, 1, 1, generator=gen) / math.sqrt(width)).cuda()
+    b = torch.randn(cout, generator=gen).cuda()
+    residual = cl(torch.randn(N, cout, side, side, generator=gen).cuda())
+    x = cl(torch.randn(N, width, side, side, generator=gen).cuda())
+    wcl = cl(w)
+    return (lambda: laudnet_ops.conv1x1_scatter_add(residual, packed, idx, w, b),
+            lambda: torch.relu_(F.conv2d(x, wcl, b).add_(residual)))
+
+
 CASES = {
     "gather_conv2d float32": lambda N, side, width, args, gen: gather_case(N, side, width, 1, torch.float32, args, gen),
     "gather_conv2d grouped fp16": lambda N, side, width, args, gen: gather_case(
         N, side, width, width // GROUP_WIDTH, torch.float16, args, gen),
+    "masker_conv1x1 float32": masker_case,
+    "conv1x1_scatter_add float32": conv1x1_scatter_add_case,
 }
 
 
@@ -77,6 +110,12 @@ def on_path(experimental, fn):
         return fn()
     finally:
         laudnet_ops.set_experimental_kernels(False)
+
+
+def max_abs_diff(a, b):
+    """Largest difference between two op results (a tensor, or a tuple of them)."""
+    pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
+    return max((x.float() - y.float()).abs().max().item() for x, y in pairs)
 
 
 def main():
@@ -90,7 +129,7 @@ def main():
     gen = torch.Generator().manual_seed(0)
     print(f"device: {name}; batch {args.batch}, channels_last, rate {args.rate}, S = {args.patch_size}; "
           f"tensor cores {'on' if laudnet_ops.tensor_cores_enabled() else 'off'}")
-    print(f"{'case':<28}{'stage':<8}{'validated ms':>13}{'exp ms':>9}{'dense ms':>10}{'exp/val':>9}"
+    print(f"{'case':<30}{'stage':<8}{'validated ms':>13}{'exp ms':>9}{'dense ms':>10}{'exp/val':>9}"
           f"{'exp/dense':>11}{'max diff':>10}")
     rows = []
     for stage in args.stages.split(","):
@@ -100,13 +139,13 @@ def main():
             validated = on_path(False, lambda: C.time_ms(op, args.min_ms / 1e3, "cuda"))
             experimental = on_path(True, lambda: C.time_ms(op, args.min_ms / 1e3, "cuda"))
             dense_ms = C.time_ms(dense, args.min_ms / 1e3, "cuda")
-            diff = (on_path(True, op).float() - on_path(False, op).float()).abs().max().item()
+            diff = max_abs_diff(on_path(True, op), on_path(False, op))
             row = dict(device=name, case=case_name, stage=stage, batch=args.batch, validated_ms=round(validated, 4),
                        experimental_ms=round(experimental, 4), dense_ms=round(dense_ms, 4),
                        experimental_vs_validated=round(experimental / validated, 4),
                        experimental_vs_dense=round(experimental / dense_ms, 3), max_abs_diff=diff)
             rows.append(row)
-            print(f"{case_name:<28}{stage:<8}{validated:>13.3f}{experimental:>9.3f}{dense_ms:>10.3f}"
+            print(f"{case_name:<30}{stage:<8}{validated:>13.3f}{experimental:>9.3f}{dense_ms:>10.3f}"
                   f"{experimental / validated:>9.3f}{experimental / dense_ms:>11.2f}{diff:>10.2e}")
     if args.csv:
         with open(args.csv, "w", newline="") as f:

@@ -137,13 +137,16 @@ fi
 # Channel skipping at G = 16: the tensor-core kernel needs gate groups of a multiple of 8 channels.
 PROFILE=$($PY -c 'import torch; print("h200" if "H200" in torch.cuda.get_device_name() else "h100")')
 BLOCK_ARGS=(--gpu $PROFILE --batch 128 --dtype fp16 --rates 0.5 --quiet --min-run-time 0.05)
-step bench 30 env LAUDNET_OPS_TENSOR_CORES=0 $PY benchmarks/bench_block.py "${BLOCK_ARGS[@]}" \
+step bench 25 env LAUDNET_OPS_TENSOR_CORES=0 $PY benchmarks/bench_block.py "${BLOCK_ARGS[@]}" \
   --modes dense,spatial,layer --csv "$LOGDIR/bench_block_simt.csv"
-step bench-on 30 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/bench_block.py "${BLOCK_ARGS[@]}" \
+step bench-on 25 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/bench_block.py "${BLOCK_ARGS[@]}" \
   --modes dense,spatial,layer --csv "$LOGDIR/bench_block.csv"
 step bench-ch 25 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/bench_block.py "${BLOCK_ARGS[@]}" \
   --modes dense,channel --granularity 16 --no-unfused --csv "$LOGDIR/bench_block_channel.csv"
 step bench-exp 25 $PY benchmarks/bench_experimental.py --batch 128 --csv "$LOGDIR/bench_experimental.csv"
+# float32 spatial blocks with the experimental paths (cuDNN under the sparse ops) instead of SIMT kernels
+step bench-exp-fp32 20 env LAUDNET_OPS_EXPERIMENTAL=1 $PY benchmarks/bench_block.py --gpu $PROFILE --batch 128 \
+  --dtype fp32 --rates 0.5 --quiet --min-run-time 0.05 --modes dense,spatial --csv "$LOGDIR/bench_block_exp_fp32.csv"
 step ablation 25 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/ablation_fusion.py --gpu $PROFILE --batch 128 \
   --dtype fp16 --measure cuda --min-run-time 0.05 --quiet --csv "$LOGDIR/ablation_fusion.csv"
 
@@ -155,6 +158,7 @@ report() {  # the summary and the tables, as markdown
   echo '```'
   for part in bench-tc:bench_tensor_cores "bench:bench_block, SIMT kernels" "bench-on:bench_block" \
       "bench-ch:bench_block, channel skipping at G = 16" "bench-exp:bench_experimental" \
+      "bench-exp-fp32:bench_block, float32, experimental paths" \
       "ablation:ablation_fusion"; do
     echo
     echo "## ${part#*:}"

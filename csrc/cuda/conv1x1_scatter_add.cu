@@ -10,7 +10,9 @@
 // the same packed value; in NCHW neighbouring threads (neighbouring columns)
 // share the weight and read neighbouring packed values. The tensor-core kernel
 // (tensor_core/conv1x1_scatter_add.cu, behind the switch) is tried first by
-// both ops for channels_last maps.
+// both ops for channels_last maps; with the experimental switch on, the calls it
+// declines take cuDNN's 1x1 conv and the scatter_add kernel
+// (conv1x1_composites.cpp), which have not run on a GPU yet.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -21,6 +23,7 @@
 #include <torch/library.h>
 
 #include "../activation.h"
+#include "../conv1x1_composites.h"
 #include "../conv1x1_scatter.h"
 #include "../tensor_core_switch.h"
 #include "launch.cuh"
@@ -145,6 +148,10 @@ at::Tensor conv1x1_scatter_add_cuda(const at::Tensor& residual, const at::Tensor
       return out;
     }
   }
+  // Experimental (not yet run on a GPU): the 1x1 conv by cuDNN, then the scatter_add kernel.
+  if (experimental_kernels_enabled()) {
+    return conv1x1_scatter_add_by_dense_conv(l.res, l.pk, indices, weight, bias_or_undefined(bias), activation);
+  }
   l.wt = weight.squeeze(3).squeeze(2).t().contiguous();  // (Cin, Cout)
   l.bias = bias_or_undefined(bias);
   l.inplace = false;
@@ -169,6 +176,11 @@ void conv1x1_scatter_add_inplace_cuda(const at::Tensor& residual, const at::Tens
   l.pk = packed.contiguous(layout);
   if (layout == at::MemoryFormat::ChannelsLast &&
       tensor_core_conv1x1_scatter_add(l.out, l.pk, l.grid_or_idx, weight, bias, act)) {
+    if (!l.out.is_same(residual)) residual.copy_(l.out);
+    return;
+  }
+  if (experimental_kernels_enabled()) {  // as in the out-of-place op
+    conv1x1_scatter_add_by_dense_conv_(l.out, l.pk, l.grid_or_idx, weight, bias_or_undefined(bias), activation);
     if (!l.out.is_same(residual)) residual.copy_(l.out);
     return;
   }

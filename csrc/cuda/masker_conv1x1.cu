@@ -12,7 +12,9 @@
 // neighbouring threads share or coalesce their x reads. The order of the
 // atomic adds varies, so logits may differ from run to run in the last bits.
 // Eligible half/bfloat16 channels_last calls take the tensor-core kernel instead
-// when it is switched on (tensor_core.h).
+// when it is switched on (tensor_core.h); with the experimental switch on, the
+// others take two cuDNN convolutions and a pooling (conv1x1_composites.cpp), which
+// have not run on a GPU yet.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/Atomic.cuh>
@@ -26,6 +28,8 @@
 #include <tuple>
 
 #include "../activation.h"
+#include "../conv1x1_composites.h"
+#include "../tensor_core_switch.h"
 #include "../spatial_conv.h"
 #include "launch.cuh"
 #include "tensor_core.h"
@@ -105,6 +109,8 @@ std::tuple<at::Tensor, at::Tensor> masker_conv1x1_cuda(const at::Tensor& x, cons
   const int64_t total = g.N * g.H * g.W * (g.Cout + g.M);
   if (total == 0) return {y, sums.to(x.scalar_type())};
   if (tensor_core_masker_conv1x1(y, sums, src, w, b, wm, mb, g, act)) return {y, sums.to(x.scalar_type())};
+  // Experimental (not yet run on a GPU): two cuDNN 1x1 convolutions and a pooling, instead of the kernel below.
+  if (experimental_kernels_enabled()) return masker_conv1x1_by_dense_conv(src, w, b, wm, mb, g, act);
   const LogitStrides ls{sums.stride(0), sums.stride(1), sums.stride(2), sums.stride(3)};
   const bool nhwc = layout == at::MemoryFormat::ChannelsLast;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "masker_conv1x1_cuda", [&] {
