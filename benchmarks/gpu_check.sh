@@ -106,8 +106,9 @@ step tc-tests 40 env LAUDNET_OPS_TENSOR_CORES=1 $PY -m pytest tests/test_tensor_
   tests/test_masker_conv1x1.py tests/test_channel_gated_conv2d.py tests/test_conv1x1_scatter_add.py \
   tests/test_nn_blocks.py --maxfail=40 "${FAST_TESTS[@]}"
 step exp-tests 40 env LAUDNET_OPS_TENSOR_CORES=1 LAUDNET_OPS_EXPERIMENTAL=1 $PY -m pytest tests/test_tensor_cores.py \
-  tests/test_gather_conv2d.py tests/test_gather_conv2d_tiles.py tests/test_nn_blocks.py tests/test_nn_gather_conv.py \
-  --maxfail=40 "${FAST_TESTS[@]}"
+  tests/test_gather_conv2d.py tests/test_gather_conv2d_tiles.py tests/test_masker_conv1x1.py \
+  tests/test_conv1x1_scatter_add.py tests/test_conv1x1_composites.py tests/test_nn_blocks.py \
+  tests/test_nn_gather_conv.py --maxfail=40 "${FAST_TESTS[@]}"
 
 # memcheck on the sparse kernels: the tensor-core ones (the experimental grouped GEMM included), then the
 # SIMT ones (layouts, borders, empty inputs).
