@@ -16,3 +16,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def experimental():
+    """The experimental CUDA paths (not yet run on a GPU) on for the test; the switch restored after."""
+    import laudnet_ops
+
+    if laudnet_ops.extension_error is not None:
+        pytest.skip("needs the compiled extension")
+    before = laudnet_ops.experimental_kernels_enabled()
+    laudnet_ops.set_experimental_kernels(True)
+    yield
+    laudnet_ops.set_experimental_kernels(before)

@@ -89,14 +89,6 @@ def test_conv1x1_scatter_add_refuses_duplicate_rows():
 # ---------------------------------------------------------------- the CUDA ops' use of them (GPU)
 
 
-@pytest.fixture
-def experimental():
-    before = laudnet_ops.experimental_kernels_enabled()
-    laudnet_ops.set_experimental_kernels(True)
-    yield
-    laudnet_ops.set_experimental_kernels(before)
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", masker_tests.SHAPES, ids=[masker_tests.shape_id(s) for s in masker_tests.SHAPES])

@@ -85,13 +85,6 @@ def test_bad_arguments_are_named():
 # ---------------------------------------------------------------- the CUDA op's use of it (GPU)
 
 
-@pytest.fixture
-def experimental():
-    before = laudnet_ops.experimental_kernels_enabled()
-    yield
-    laudnet_ops.set_experimental_kernels(before)
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=[shape_id(s) for s in SHAPES])
@@ -99,7 +92,6 @@ def test_cuda_op_takes_the_tiles_when_switched_on(experimental, dtype, shape):
     N, Cin, Cout, H, W, k, S, stride, padding, dilation, groups = shape
     x, idx, w, b, conv = make_case(N, Cin, Cout, H, W, k, S, 0.5, stride, padding, dilation, groups, dtype=dtype,
                                    device="cuda", seed=hash((shape, "cuda-tiles")) % 1000)
-    laudnet_ops.set_experimental_kernels(True)
     got = laudnet_ops.gather_conv2d(x, idx, w, b, **conv)
     torch.testing.assert_close(got, by_tiles(x, idx, w, b, conv), atol=0, rtol=0)  # the same path
     want = reference.gather_conv2d(x.double(), idx, w.double(), None if b is None else b.double(), **conv)

@@ -347,15 +347,6 @@ def test_gather_conv2d_ineligible_calls_fall_back_to_simt(tensor_cores, case):
     torch.testing.assert_close(got.double(), ref, **tol)
 
 
-@pytest.fixture
-def experimental():
-    """The experimental (not yet GPU-validated) paths on for the test; the switch restored after."""
-    before = laudnet_ops.experimental_kernels_enabled()
-    laudnet_ops.set_experimental_kernels(True)
-    yield
-    laudnet_ops.set_experimental_kernels(before)
-
-
 @cuda
 @pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", GROUPED_GATHER_SHAPES,
