@@ -6,6 +6,9 @@ On a GPU, ResNet-50 / RegNet stage shapes at batch 128, half the S = 4 patches k
                                | dense F.conv2d 3x3
   gather_conv2d grouped fp16   3x3, 16 channels a group (RegNet's group width): SIMT kernel | one
                                tensor-core GEMM per group (experimental) | dense grouped F.conv2d 3x3
+  channel_gated_conv2d grouped 3x3, 16 channels a group and a gate group, half the gate groups on:
+    fp16                       SIMT kernel | one tensor-core GEMM per (sample, group) (experimental)
+                               | dense grouped F.conv2d 3x3
   masker_conv1x1 float32       1x1 4*width->width + 1 masker channel: SIMT kernel | two cuDNN 1x1
                                convs and a pooling (experimental) | dense F.conv2d 1x1
   conv1x1_scatter_add float32  1x1 width->4*width on the packed patches + scatter-add onto the
@@ -69,6 +72,18 @@ def gather_case(N, side, width, groups, dtype, args, gen):
             lambda: F.conv2d(x, wcl, b, 1, 1, groups=groups))
 
 
+def grouped_channel_case(N, side, width, args, gen):
+    groups, G = width // GROUP_WIDTH, GROUP_WIDTH
+    x = cl(torch.randn(N, width, side, side, generator=gen).to("cuda", torch.float16))
+    w = (torch.randn(width, GROUP_WIDTH, 3, 3, generator=gen) / math.sqrt(9 * GROUP_WIDTH)).to("cuda", torch.float16)
+    b = torch.randn(width, generator=gen).to("cuda", torch.float16)
+    gin = (torch.rand(N, width // G, generator=gen) < args.rate).cuda()
+    gout = (torch.rand(N, width // G, generator=gen) < args.rate).cuda()
+    wcl = cl(w)
+    return (lambda: laudnet_ops.channel_gated_conv2d(x, w, b, gin, gout, G, padding=1, groups=groups),
+            lambda: F.conv2d(x, wcl, b, 1, 1, groups=groups))
+
+
 def masker_case(N, side, width, args, gen):
     cin = 4 * width
     x = cl(torch.randn(N, cin, side, side, generator=gen).cuda())
@@ -99,6 +114,7 @@ CASES = {
     "gather_conv2d float32": lambda N, side, width, args, gen: gather_case(N, side, width, 1, torch.float32, args, gen),
     "gather_conv2d grouped fp16": lambda N, side, width, args, gen: gather_case(
         N, side, width, width // GROUP_WIDTH, torch.float16, args, gen),
+    "channel_gated_conv2d grouped fp16": grouped_channel_case,
     "masker_conv1x1 float32": masker_case,
     "conv1x1_scatter_add float32": conv1x1_scatter_add_case,
 }
@@ -129,7 +145,7 @@ def main():
     gen = torch.Generator().manual_seed(0)
     print(f"device: {name}; batch {args.batch}, channels_last, rate {args.rate}, S = {args.patch_size}; "
           f"tensor cores {'on' if laudnet_ops.tensor_cores_enabled() else 'off'}")
-    print(f"{'case':<30}{'stage':<8}{'validated ms':>13}{'exp ms':>9}{'dense ms':>10}{'exp/val':>9}"
+    print(f"{'case':<36}{'stage':<8}{'validated ms':>13}{'exp ms':>9}{'dense ms':>10}{'exp/val':>9}"
           f"{'exp/dense':>11}{'max diff':>10}")
     rows = []
     for stage in args.stages.split(","):
@@ -145,7 +161,7 @@ def main():
                        experimental_vs_validated=round(experimental / validated, 4),
                        experimental_vs_dense=round(experimental / dense_ms, 3), max_abs_diff=diff)
             rows.append(row)
-            print(f"{case_name:<30}{stage:<8}{validated:>13.3f}{experimental:>9.3f}{dense_ms:>10.3f}"
+            print(f"{case_name:<36}{stage:<8}{validated:>13.3f}{experimental:>9.3f}{dense_ms:>10.3f}"
                   f"{experimental / validated:>9.3f}{experimental / dense_ms:>11.2f}{diff:>10.2e}")
     if args.csv:
         with open(args.csv, "w", newline="") as f:

@@ -74,7 +74,8 @@ TORCH_LIBRARY_FRAGMENT(laudnet_ops, m) {
   m.def("_tensor_core_emulate_masker_conv1x1(Tensor x, Tensor weight, Tensor? bias, Tensor mask_weight, "
         "Tensor? mask_bias, int patch_size, int stride, str activation) -> (Tensor, Tensor)");
   m.def("_tensor_core_emulate_channel_gated_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor? in_gates, "
-        "Tensor? out_gates, int group_size, int[2] stride, int[2] padding, int[2] dilation, str activation) "
+        "Tensor? out_gates, int group_size, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+        "str activation) "
         "-> Tensor");
   m.def("_tensor_core_emulate_conv1x1_scatter_add_(Tensor(a!) out, Tensor packed, Tensor indices, "
         "Tensor weight, Tensor? bias, str activation) -> ()");

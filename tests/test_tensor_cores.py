@@ -443,6 +443,15 @@ CHANNEL_SHAPES = [
     (2, 48, 24, 12, 13, 3, 1, 2, 2, 8),    # dilation 2
 ]
 
+# N, Cin, Cout, H, W, k, stride, padding, dilation, G, groups: one GEMM per (sample, conv group)
+GROUPED_CHANNEL_SHAPES = [
+    (2, 32, 32, 9, 11, 3, 1, 1, 1, 8, 2),     # two gate groups per conv group, odd map
+    (1, 64, 64, 8, 7, 3, 2, 1, 1, 16, 4),     # one gate group per conv group, stride 2
+    (2, 48, 96, 7, 7, 3, 1, 1, 1, 8, 6),      # 8 input, 16 output channels a group
+    (2, 16, 272, 6, 6, 1, 1, 0, 1, 8, 2),     # 136 output channels a group: two column tiles
+    (1, 64, 64, 12, 12, 3, 1, 2, 2, 8, 8),    # dilation 2, RegNet's group width 8
+]
+
 
 @cuda
 @pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
@@ -488,10 +497,36 @@ def test_channel_gated_conv2d_ineligible_calls_fall_back_to_simt(tensor_cores, c
     gout = (torch.rand(2, 32 // G, generator=gen) < 0.5).cuda()
     with Calls() as calls:
         got = laudnet_ops.channel_gated_conv2d(x, w, None, gin, gout, G, padding=1, groups=groups)
-    assert calls.count == 0
+    # (grouped calls take the tensor cores when the experimental paths are on, as in gpu_check.sh's third run)
+    assert calls.count == int(case == "grouped" and laudnet_ops.experimental_kernels_enabled())
     ref = reference.channel_gated_conv2d(x.double(), w.double(), None, gin, gout, G, padding=1, groups=groups)
     tol = TC_TOL.get(dtype, dict(atol=1e-4, rtol=1e-4))
     torch.testing.assert_close(got.double(), ref, **tol)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GROUPED_CHANNEL_SHAPES,
+                         ids=lambda s: "N{}_C{}-{}_{}x{}_k{}_s{}_p{}_d{}_G{}_g{}".format(*s))
+@pytest.mark.parametrize("gates", ["random", "none"])
+def test_grouped_channel_gated_conv2d_on_tensor_cores_is_experimental(tensor_cores, experimental, dtype, shape,
+                                                                       gates):
+    N, Cin, Cout, H, W, k, stride, padding, dilation, G, groups = shape
+    gen = torch.Generator().manual_seed(seed_of(shape, gates, "cuda"))
+    x = cl(randn(N, Cin, H, W, gen=gen), dtype)
+    w = randn(Cout, Cin // groups, k, k, gen=gen, scale=1 / math.sqrt(Cin // groups * k * k)).to("cuda", dtype)
+    b = randn(Cout, gen=gen).to("cuda", dtype)
+    gin, gout = channel_gates(gates, N, Cin, Cout, G, gen, "cuda")
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    with Calls() as calls:
+        got = laudnet_ops.channel_gated_conv2d(x, w, b, gin, gout, G, **conv)
+    assert calls.count == 1
+    ref = reference.channel_gated_conv2d(x.float(), w.float(), b.float(), gin, gout, G, **conv)
+    assert_close_to_reference(got, ref, dtype)
+    laudnet_ops.set_experimental_kernels(False)  # the validated default: grouped calls stay on SIMT
+    with Calls() as calls:
+        laudnet_ops.channel_gated_conv2d(x, w, b, gin, gout, G, **conv)
+    assert calls.count == 0
 
 
 # --- the fused 1x1 conv + scatter-add epilogue (entry point for conv1x1_scatter_add)
@@ -661,8 +696,36 @@ def test_emulated_channel_gated_conv2d_index_math(shape, gates):
         gin = torch.rand(N, Cin // G, generator=gen) < keep
         gout = torch.rand(N, Cout // G, generator=gen) < (1.0 if gates == "inputs_off" else keep)
     for activation in ("relu", "none"):
-        got = op(x, w, b, gin, gout, G, [stride] * 2, [padding] * 2, [dilation] * 2, activation)
+        got = op(x, w, b, gin, gout, G, [stride] * 2, [padding] * 2, [dilation] * 2, 1, activation)
         ref = reference.channel_gated_conv2d(x, w, b, gin, gout, G, stride, padding, dilation, activation=activation)
+        torch.testing.assert_close(got, ref, **EXACT)
+
+
+def channel_gates(kind, N, Cin, Cout, G, gen, device="cpu"):
+    """(in_gates, out_gates) of a named kind: random, all_off, none (both None) or inputs_off."""
+    if kind == "none":
+        return None, None
+    keep = {"random": 0.5, "all_off": 0.0, "inputs_off": 0.0}[kind]
+    gin = torch.rand(N, Cin // G, generator=gen) < keep
+    gout = torch.rand(N, Cout // G, generator=gen) < (1.0 if kind == "inputs_off" else keep)
+    return gin.to(device), gout.to(device)
+
+
+@pytest.mark.parametrize("shape", GROUPED_CHANNEL_SHAPES,
+                         ids=lambda s: "N{}_C{}-{}_{}x{}_k{}_s{}_p{}_d{}_G{}_g{}".format(*s))
+@pytest.mark.parametrize("gates", ["random", "all_off", "none", "inputs_off"])
+def test_emulated_grouped_channel_gated_conv2d_index_math(shape, gates):
+    op = emulated("channel_gated_conv2d")
+    N, Cin, Cout, H, W, k, stride, padding, dilation, G, groups = shape
+    gen = torch.Generator().manual_seed(seed_of(shape, gates))
+    x = randn(N, Cin, H, W, gen=gen).float()
+    w = randn(Cout, Cin // groups, k, k, gen=gen, scale=1 / math.sqrt(Cin // groups * k * k)).float()
+    b = randn(Cout, gen=gen).float()
+    gin, gout = channel_gates(gates, N, Cin, Cout, G, gen)
+    for activation in ("relu", "none"):
+        got = op(x, w, b, gin, gout, G, [stride] * 2, [padding] * 2, [dilation] * 2, groups, activation)
+        ref = reference.channel_gated_conv2d(x, w, b, gin, gout, G, stride, padding, dilation, groups,
+                                             activation=activation)
         torch.testing.assert_close(got, ref, **EXACT)
 
 

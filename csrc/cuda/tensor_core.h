@@ -33,8 +33,9 @@ bool tensor_core_masker_conv1x1(at::Tensor& y, at::Tensor& sums, const at::Tenso
                                 const at::Tensor& bias, const at::Tensor& mask_weight,
                                 const at::Tensor& mask_bias, const MaskerGeometry& g, Activation act);
 
-// y (N, Cout, Ho, Wo) channels_last. Also needs groups == 1 and group_size % 8 == 0 (whole 16-byte
-// vectors per gate group); gates undefined means all on.
+// y (N, Cout, Ho, Wo) channels_last. Also needs group_size % 8 == 0 (whole 16-byte vectors per gate
+// group, hence per conv group); groups > 1 only with the experimental switch on (not yet run on a
+// GPU). Gates undefined means all on.
 bool tensor_core_channel_gated_conv2d(at::Tensor& y, const at::Tensor& x, const at::Tensor& weight,
                                       const at::Tensor& bias, const at::Tensor& in_gates,
                                       const at::Tensor& out_gates, const ConvGeometry& g, Activation act);
