@@ -101,19 +101,25 @@ def test_set_get_round_trip(restore_switch):
         assert laudnet_ops.tensor_cores_enabled() is False
 
 
-def test_switch_without_extension_says_why():
+@pytest.mark.parametrize("getters, setter, env, printed", [
+    ("laudnet_ops.tensor_cores_built(), laudnet_ops.tensor_cores_enabled()", "set_tensor_cores",
+     {"LAUDNET_OPS_TENSOR_CORES": "1"}, "False False"),
+    ("laudnet_ops.experimental_kernels_enabled()", "set_experimental_kernels", {"LAUDNET_OPS_EXPERIMENTAL": "1"},
+     "False"),
+], ids=["tensor_cores", "experimental"])
+def test_switch_without_extension_says_why(getters, setter, env, printed):
     code = (
         "import sys; sys.modules['laudnet_ops._C'] = None\n"
         "import laudnet_ops\n"
-        "print(laudnet_ops.tensor_cores_built(), laudnet_ops.tensor_cores_enabled())\n"
+        f"print({getters})\n"
         "try:\n"
-        "    laudnet_ops.set_tensor_cores(True)\n"
+        f"    laudnet_ops.{setter}(True)\n"
         "except ImportError as e:\n"
         "    print('IMPORTERROR', e)\n"
     )
-    out = run_python(code, LAUDNET_OPS_TENSOR_CORES="1")
+    out = run_python(code, **env)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("False False")
+    assert out.stdout.startswith(printed)
     assert "IMPORTERROR" in out.stdout and "could not be loaded" in out.stdout
 
 
@@ -138,22 +144,6 @@ def test_experimental_switch_round_trip():
             assert laudnet_ops.experimental_kernels_enabled() is on
     finally:
         laudnet_ops.set_experimental_kernels(before)
-
-
-def test_experimental_switch_without_extension_says_why():
-    code = (
-        "import sys; sys.modules['laudnet_ops._C'] = None\n"
-        "import laudnet_ops\n"
-        "print(laudnet_ops.experimental_kernels_enabled())\n"
-        "try:\n"
-        "    laudnet_ops.set_experimental_kernels(True)\n"
-        "except ImportError as e:\n"
-        "    print('IMPORTERROR', e)\n"
-    )
-    out = run_python(code, LAUDNET_OPS_EXPERIMENTAL="1")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("False")
-    assert "IMPORTERROR" in out.stdout and "could not be loaded" in out.stdout
 
 
 @needs_extension
