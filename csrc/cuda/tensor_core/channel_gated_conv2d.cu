@@ -16,9 +16,7 @@
 //
 // EXPERIMENTAL for groups > 1 (RegNet's grouped 3x3): its index math passes the CPU emulation tests,
 // but it has not run on a GPU, so grouped calls take it only with the experimental switch on
-// (tensor_core_switch.h). With groups == 1, z is the sample and the group offsets are zero; the gate
-// lists are then built channel by channel where they were built gate group by gate group, with the
-// same result (the same emulation tests).
+// (tensor_core_switch.h). With groups == 1, z is the sample and the group offsets are zero.
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -34,8 +32,8 @@ namespace tc {
 namespace {
 
 // The gate lists of z = (sample n, conv group gi): its active input vectors (absolute channel
-// offsets) and its output channels (absolute), active ones first. Gates are (N, C / G), channel c
-// under gate c / G.
+// offsets) and its output channels (absolute), active ones first. Gates are (N, C / G); a conv group
+// holds whole gate groups (argument check), so the lists walk the group's gates, not its channels.
 struct GateListSizes {
   int Cin, Cout, groups, G;
 };
@@ -45,18 +43,21 @@ CUTE_HOST_DEVICE void gate_lists_of(int64_t z, const bool* in_gates, const bool*
   const int64_t n = z / s.groups;
   const int gi = static_cast<int>(z - n * s.groups);
   const int Cg = s.Cin / s.groups, Cog = s.Cout / s.groups;
+  const int in_per_group = Cg / s.G, out_per_group = Cog / s.G;  // gate groups per conv group
   const bool* gin = in_gates != nullptr ? in_gates + n * (s.Cin / s.G) : nullptr;
   const bool* gout = out_gates != nullptr ? out_gates + n * (s.Cout / s.G) : nullptr;
   int count = 0;
-  for (int c = gi * Cg; c < (gi + 1) * Cg; c += kVec) {
-    if (gin == nullptr || gin[c / s.G]) in_list[z * (Cg / kVec) + count++] = c;
+  for (int q = gi * in_per_group; q < (gi + 1) * in_per_group; ++q) {
+    if (gin != nullptr && !gin[q]) continue;
+    for (int c = q * s.G; c < (q + 1) * s.G; c += kVec) in_list[z * (Cg / kVec) + count++] = c;
   }
   in_count[z] = count;
   count = 0;
   for (int pass = 0; pass < 2; ++pass) {
-    for (int c = gi * Cog; c < (gi + 1) * Cog; ++c) {
-      const bool on = gout == nullptr || gout[c / s.G];
-      if (on == (pass == 0)) out_list[z * Cog + count++] = c;
+    for (int q = gi * out_per_group; q < (gi + 1) * out_per_group; ++q) {
+      const bool on = gout == nullptr || gout[q];
+      if (on != (pass == 0)) continue;
+      for (int c = q * s.G; c < (q + 1) * s.G; ++c) out_list[z * Cog + count++] = c;
     }
     if (pass == 0) out_count[z] = count;
   }
