@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -262,3 +264,31 @@ def test_device_mismatch():
         laudnet_ops.sample_scatter_add(residual.cuda(), y.cuda(), sel)
     with pytest.raises(RuntimeError, match="x and gates must be on the same device"):
         laudnet_ops.sample_gather(residual.cuda(), torch.ones(4, dtype=torch.bool))
+
+
+# Rows of whole 16-byte vectors take the experimental vector kernels on CUDA: R * element size a multiple
+# of 16 (float16 (8, 3, 5): 240 bytes; float32 (4, 2, 2): 64; float64 (2, 3, 1): 48). A row of 15 float16
+# and a view starting one element in (not 16-byte aligned) keep the one-element kernels.
+VECTOR_ROWS = [(torch.float16, (8, 3, 5)), (torch.bfloat16, (16, 2, 2)), (torch.float32, (4, 2, 2)),
+               (torch.float64, (2, 3, 1)), (torch.float16, (1, 3, 5))]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, rest", VECTOR_ROWS, ids=[f"{str(d)[6:]}-{r}" for d, r in VECTOR_ROWS])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset"])
+@pytest.mark.parametrize("activation", ["relu", "none"])
+def test_row_vectors_match_reference(experimental, dtype, rest, offset, activation):
+    N = 70000  # more rows than one grid's y extent holds (65535): the row loop's second pass
+    gen = torch.Generator().manual_seed(offset)
+    flat = torch.randn(N * math.prod(rest) + offset, generator=gen, dtype=torch.float64).cuda().to(dtype)
+    residual = flat[offset:].view(N, *rest)
+    gates = (torch.rand(N, generator=gen) < 0.5).cuda()
+    kept, sel = laudnet_ops.sample_gather(residual, gates)
+    want_kept, want_sel = reference.sample_gather(residual, gates)
+    assert torch.equal(sel, want_sel.cuda()) and torch.equal(kept, want_kept)
+    y = torch.randn(kept.shape, generator=gen, dtype=torch.float64).cuda().to(dtype)
+    want = reference.sample_scatter_add(residual.double(), y.double(), sel, activation).to(dtype)
+    torch.testing.assert_close(laudnet_ops.sample_scatter_add(residual, y, sel, activation), want, **TOL[dtype])
+    in_place = residual.clone()
+    laudnet_ops.sample_scatter_add_(in_place, y, sel, activation)
+    torch.testing.assert_close(in_place, want.where(gates.view(-1, *[1] * len(rest)), residual), **TOL[dtype])

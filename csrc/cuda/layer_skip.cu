@@ -3,7 +3,9 @@
 // contiguous block in NCHW and channels_last alike).
 //
 // Run on an NVIDIA H200 (sm_90): the CUDA cases of tests/test_layer_skip.py
-// pass there (benchmarks/results/gpu-NVIDIA-H200-*.md).
+// pass there (benchmarks/results/gpu-NVIDIA-H200-*.md). With the experimental
+// switch on, rows that allow it move as 16-byte vectors instead
+// (row_vectors.cuh, not yet run on a GPU).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -14,8 +16,10 @@
 #include <torch/library.h>
 
 #include "../activation.h"
-#include "sample_table.cuh"
+#include "../tensor_core_switch.h"
 #include "launch.cuh"
+#include "row_vectors.cuh"
+#include "sample_table.cuh"
 
 namespace laudnet_ops {
 namespace {
@@ -61,9 +65,24 @@ __global__ void scatter_rows_inplace_kernel(scalar_t* __restrict__ res, const sc
   }
 }
 
+// Whether a call takes the vector kernels: experimental, and rows that are whole 16-byte vectors.
+bool use_row_vectors(int64_t R, const at::Tensor& a, std::initializer_list<const at::Tensor*> tensors) {
+  return experimental_kernels_enabled() && cuda::vectorizable(R, a.element_size(), tensors);
+}
+
 void launch_copy_rows(const at::Tensor& src, at::Tensor& dst, const at::Tensor& rows, int64_t R) {
   const int64_t total = dst.numel();
   if (total == 0) return;
+  if (use_row_vectors(R, src, {&src, &dst})) {
+    const int64_t K = dst.size(0), Rv = R * src.element_size() / 16;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "copy_rows_vec_cuda", [&] {
+      cuda::copy_rows_vec_kernel<scalar_t><<<cuda::row_grid(K, Rv), cuda::kRowThreads, 0,
+                                             at::cuda::getCurrentCUDAStream()>>>(
+          cuda::vecs<scalar_t>(src), cuda::mutable_vecs<scalar_t>(dst), rows.data_ptr<int32_t>(), K, Rv);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "copy_rows_cuda", [&] {
     copy_rows_kernel<scalar_t><<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
         src.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(), rows.data_ptr<int32_t>(), R, total);
@@ -107,6 +126,19 @@ at::Tensor sample_scatter_add_cuda(const at::Tensor& residual, const at::Tensor&
   const int64_t total = out.numel();
   if (total == 0) return out;
   const at::Tensor res = residual.contiguous(layout), yy = y.contiguous(layout);
+  if (use_row_vectors(s.R, res, {&res, &yy, &out})) {
+    const int64_t Rv = s.R * res.element_size() / 16;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, res.scalar_type(), "sample_scatter_add_vec_cuda", [&] {
+      with_activation(act, [&](auto A) {
+        cuda::scatter_rows_vec_kernel<scalar_t, decltype(A)::value>
+            <<<cuda::row_grid(s.N, Rv), cuda::kRowThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                cuda::vecs<scalar_t>(res), cuda::vecs<scalar_t>(yy), cuda::mutable_vecs<scalar_t>(out),
+                slot.data_ptr<int32_t>(), s.N, Rv);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, res.scalar_type(), "sample_scatter_add_cuda", [&] {
     with_activation(act, [&](auto A) {
       scatter_rows_kernel<scalar_t, decltype(A)::value>
@@ -132,14 +164,26 @@ void sample_scatter_add_inplace_cuda(const at::Tensor& residual, const at::Tenso
   const at::MemoryFormat layout = feature_layout(residual);
   at::Tensor work = residual.is_contiguous(layout) ? residual : residual.contiguous(layout);
   const at::Tensor yy = y.contiguous(layout);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work.scalar_type(), "sample_scatter_add_cuda_", [&] {
-    with_activation(act, [&](auto A) {
-      scatter_rows_inplace_kernel<scalar_t, decltype(A)::value>
-          <<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              work.data_ptr<scalar_t>(), yy.data_ptr<scalar_t>(), idx.data_ptr<int32_t>(), s.R, total);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (use_row_vectors(s.R, work, {&work, &yy})) {
+    const int64_t Rv = s.R * work.element_size() / 16;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work.scalar_type(), "sample_scatter_add_vec_cuda_", [&] {
+      with_activation(act, [&](auto A) {
+        cuda::scatter_rows_inplace_vec_kernel<scalar_t, decltype(A)::value>
+            <<<cuda::row_grid(s.K, Rv), cuda::kRowThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                cuda::mutable_vecs<scalar_t>(work), cuda::vecs<scalar_t>(yy), idx.data_ptr<int32_t>(), s.K, Rv);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
-  });
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, work.scalar_type(), "sample_scatter_add_cuda_", [&] {
+      with_activation(act, [&](auto A) {
+        scatter_rows_inplace_kernel<scalar_t, decltype(A)::value>
+            <<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                work.data_ptr<scalar_t>(), yy.data_ptr<scalar_t>(), idx.data_ptr<int32_t>(), s.R, total);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
   if (!work.is_same(residual)) residual.copy_(work);
 }
 
