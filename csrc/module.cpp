@@ -15,6 +15,7 @@
 
 #include <exception>
 
+#include "cudnn_composites.h"
 #include "tensor_core_switch.h"
 
 namespace {
@@ -57,6 +58,17 @@ PyObject* py_set_experimental_kernels(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+PyObject* py_cudnn_composites_enabled(PyObject*, PyObject*) {
+  return PyBool_FromLong(laudnet_ops::cudnn_composites_enabled());
+}
+
+PyObject* py_set_cudnn_composites(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  laudnet_ops::set_cudnn_composites(on != 0);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"tensor_cores_built", py_tensor_cores_built, METH_NOARGS, "Whether the tensor-core kernels were built."},
     {"tensor_cores_enabled", py_tensor_cores_enabled, METH_NOARGS, "Whether the tensor-core kernels are on."},
@@ -66,6 +78,10 @@ PyMethodDef methods[] = {
      "Whether CUDA paths not yet run on a GPU are taken."},
     {"set_experimental_kernels", py_set_experimental_kernels, METH_O,
      "Turn the CUDA paths not yet run on a GPU on or off."},
+    {"cudnn_composites_enabled", py_cudnn_composites_enabled, METH_NOARGS,
+     "Whether every CUDA convolution op call runs through its cuDNN composite."},
+    {"set_cudnn_composites", py_set_cudnn_composites, METH_O,
+     "Send every CUDA convolution op call through its cuDNN composite, or not."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -8,6 +8,8 @@
 
 #include <atomic>
 
+#include "cudnn_composites.h"
+
 namespace laudnet_ops {
 namespace {
 
@@ -62,6 +64,17 @@ std::atomic<bool>& experimental_flag() {
 bool experimental_kernels_enabled() { return experimental_flag().load(); }
 
 void set_experimental_kernels(bool on) { experimental_flag().store(on); }
+
+namespace {
+std::atomic<bool>& composites_flag() {
+  static std::atomic<bool> flag{false};
+  return flag;
+}
+}  // namespace
+
+bool cudnn_composites_enabled() { return composites_flag().load(); }
+
+void set_cudnn_composites(bool on) { composites_flag().store(on); }
 
 TORCH_LIBRARY_FRAGMENT(laudnet_ops, m) {
   // Returns whether the tensor-core kernel ran (false: ineligible, switched off, or not built).

@@ -10,6 +10,7 @@ from . import unfused  # plain PyTorch: usable without the compiled extension
 from ._library import cuda_kernels_built, extension_error, require_extension
 from ._library import set_tensor_cores, tensor_cores_built, tensor_cores_enabled
 from ._library import experimental_kernels_enabled, set_experimental_kernels
+from ._library import cudnn_composites_enabled, set_cudnn_composites
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ def __getattr__(name):
 __all__ = ["reference", "cuda_kernels_built", "require_extension", "__version__", *_OPS]
 __all__ += ["set_tensor_cores", "tensor_cores_built", "tensor_cores_enabled"]
 __all__ += ["experimental_kernels_enabled", "set_experimental_kernels"]
+__all__ += ["cudnn_composites_enabled", "set_cudnn_composites"]
 __all__ += ["unfused"]
 
 # Modules and models: plain PyTorch until their sparse path runs, so importable without the extension.

@@ -131,17 +131,46 @@ def set_experimental_kernels(enabled: bool) -> None:
     _compiled_module().set_experimental_kernels(bool(enabled))
 
 
-def _apply_experimental_env() -> None:
-    value = os.environ.get(_EXPERIMENTAL_ENV, "").strip().lower()
+def _apply_off_by_default_env(name: str, setter, what: str) -> None:
+    """Turn on an off-by-default switch from the environment variable ``name`` at import."""
+    value = os.environ.get(name, "").strip().lower()
     if extension_error is not None or value in ("", "0", "false", "no", "off"):
         return
     if value in ("1", "true", "yes", "on"):
-        set_experimental_kernels(True)
+        setter(True)
     else:
-        warnings.warn(f"laudnet_ops: {_EXPERIMENTAL_ENV} must be 1 or 0, got {value!r}; experimental kernels stay off")
+        warnings.warn(f"laudnet_ops: {name} must be 1 or 0, got {value!r}; {what} stay off")
 
 
-_apply_experimental_env()
+_apply_off_by_default_env(_EXPERIMENTAL_ENV, set_experimental_kernels, "experimental kernels")
+
+
+# ---------------------------------------------------------------- cuDNN composites
+# Every CUDA call of gather_conv2d, masker_conv1x1, conv1x1_scatter_add(_) and channel_gated_conv2d
+# through its cuDNN composite (gathered data, dense cuDNN convolution, scatter), the calls the
+# tensor-core kernels take included: which of the two is faster is a measurement per GPU and shape
+# (benchmarks/gpu_check.sh times both). Experimental like the composites: off by default.
+_COMPOSITES_ENV = "LAUDNET_OPS_CUDNN_COMPOSITES"
+
+
+def cudnn_composites_enabled() -> bool:
+    """Whether every CUDA convolution op call runs through its cuDNN composite (False without the extension)."""
+    if extension_error is not None:
+        return False
+    return bool(_compiled_module().cudnn_composites_enabled())
+
+
+def set_cudnn_composites(enabled: bool) -> None:
+    """Send every CUDA call of the convolution ops through its cuDNN composite (see docs/ops.md,
+    "Experimental CUDA paths"), or only the calls no kernel of the library takes (the default, unless
+    LAUDNET_OPS_CUDNN_COMPOSITES=1 was set at import). CPU calls are unaffected.
+
+    Raises ImportError without the compiled extension."""
+    require_extension()
+    _compiled_module().set_cudnn_composites(bool(enabled))
+
+
+_apply_off_by_default_env(_COMPOSITES_ENV, set_cudnn_composites, "cuDNN composites")
 
 
 def _tensor_core_calls() -> int:

@@ -29,3 +29,16 @@ def experimental():
     laudnet_ops.set_experimental_kernels(True)
     yield
     laudnet_ops.set_experimental_kernels(before)
+
+
+@pytest.fixture
+def cudnn_composites():
+    """Every CUDA convolution op call through its cuDNN composite for the test; the switch restored after."""
+    import laudnet_ops
+
+    if laudnet_ops.extension_error is not None:
+        pytest.skip("needs the compiled extension")
+    before = laudnet_ops.cudnn_composites_enabled()
+    laudnet_ops.set_cudnn_composites(True)
+    yield
+    laudnet_ops.set_cudnn_composites(before)

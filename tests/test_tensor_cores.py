@@ -106,7 +106,9 @@ def test_set_get_round_trip(restore_switch):
      {"LAUDNET_OPS_TENSOR_CORES": "1"}, "False False"),
     ("laudnet_ops.experimental_kernels_enabled()", "set_experimental_kernels", {"LAUDNET_OPS_EXPERIMENTAL": "1"},
      "False"),
-], ids=["tensor_cores", "experimental"])
+    ("laudnet_ops.cudnn_composites_enabled()", "set_cudnn_composites", {"LAUDNET_OPS_CUDNN_COMPOSITES": "1"},
+     "False"),
+], ids=["tensor_cores", "experimental", "cudnn_composites"])
 def test_switch_without_extension_says_why(getters, setter, env, printed):
     code = (
         "import sys; sys.modules['laudnet_ops._C'] = None\n"
@@ -123,27 +125,34 @@ def test_switch_without_extension_says_why(getters, setter, env, printed):
     assert "IMPORTERROR" in out.stdout and "could not be loaded" in out.stdout
 
 
+OFF_BY_DEFAULT_SWITCHES = [("experimental_kernels", "LAUDNET_OPS_EXPERIMENTAL"),
+                           ("cudnn_composites", "LAUDNET_OPS_CUDNN_COMPOSITES")]
+
+
 @needs_extension
-def test_experimental_paths_are_off_by_default_and_the_environment_turns_them_on():
-    code = "import laudnet_ops; print(laudnet_ops.experimental_kernels_enabled())"
+@pytest.mark.parametrize("switch, env", OFF_BY_DEFAULT_SWITCHES, ids=[s for s, _ in OFF_BY_DEFAULT_SWITCHES])
+def test_off_by_default_switch_and_the_environment_turns_it_on(switch, env):
+    code = f"import laudnet_ops; print(laudnet_ops.{switch}_enabled())"
     for value, expected in (("", "False"), ("0", "False"), ("1", "True"), ("on", "True")):
-        out = run_python(code, LAUDNET_OPS_EXPERIMENTAL=value)
+        out = run_python(code, **{env: value})
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == expected, value
-    out = run_python(code, LAUDNET_OPS_EXPERIMENTAL="maybe")
+    out = run_python(code, **{env: "maybe"})
     assert out.stdout.strip() == "False"
-    assert "LAUDNET_OPS_EXPERIMENTAL must be 1 or 0, got 'maybe'" in out.stderr
+    assert f"{env} must be 1 or 0, got 'maybe'" in out.stderr
 
 
 @needs_extension
-def test_experimental_switch_round_trip():
-    before = laudnet_ops.experimental_kernels_enabled()
+@pytest.mark.parametrize("switch", [s for s, _ in OFF_BY_DEFAULT_SWITCHES])
+def test_off_by_default_switch_round_trip(switch):
+    enabled, set_switch = getattr(laudnet_ops, f"{switch}_enabled"), getattr(laudnet_ops, f"set_{switch}")
+    before = enabled()
     try:
         for on in (True, False, True):
-            laudnet_ops.set_experimental_kernels(on)
-            assert laudnet_ops.experimental_kernels_enabled() is on
+            set_switch(on)
+            assert enabled() is on
     finally:
-        laudnet_ops.set_experimental_kernels(before)
+        set_switch(before)
 
 
 @needs_extension

@@ -4,7 +4,8 @@
 // input gate group that is off, so work and reads follow the gate density.
 // Accumulates in float (double for float64). Eligible half/bfloat16
 // channels_last calls take the tensor-core grouped GEMM instead when it is
-// switched on (tensor_core.h).
+// switched on (tensor_core.h); with the experimental switch on, the calls it declines
+// run as one grouped cuDNN convolution (channel_gated_sample_groups.cpp).
 //
 // Run on an NVIDIA H200 (sm_90): the CUDA cases of tests/test_channel_gated_conv2d.py
 // pass there (benchmarks/results/gpu-NVIDIA-H200-*.md). Correct but slow -- far
@@ -18,7 +19,10 @@
 #include <torch/library.h>
 
 #include "../activation.h"
+#include "../channel_gated_sample_groups.h"
+#include "../cudnn_composites.h"
 #include "../channel_geometry.h"
+#include "../tensor_core_switch.h"
 #include "launch.cuh"
 #include "tensor_core.h"
 
@@ -95,7 +99,11 @@ at::Tensor channel_gated_conv2d_cuda(const at::Tensor& x, const at::Tensor& weig
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor gin = in_gates.has_value() ? in_gates->contiguous() : at::Tensor();
   const at::Tensor gout = out_gates.has_value() ? out_gates->contiguous() : at::Tensor();
+  // Experimental (not yet run on a GPU): one grouped cuDNN convolution over the (sample, conv group)
+  // pairs, for every call when the composites are switched on, else for the calls the tensor cores decline.
+  if (cudnn_composites_enabled()) return channel_gated_conv2d_by_sample_groups(src, w, b, gin, gout, g, act);
   if (tensor_core_channel_gated_conv2d(y, src, w, b, gin, gout, g, act)) return y;
+  if (experimental_kernels_enabled()) return channel_gated_conv2d_by_sample_groups(src, w, b, gin, gout, g, act);
   const bool nhwc = layout == at::MemoryFormat::ChannelsLast;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "channel_gated_conv2d_cuda", [&] {
     with_activation(act, [&](auto A) {

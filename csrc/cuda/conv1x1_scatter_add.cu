@@ -24,6 +24,7 @@
 
 #include "../activation.h"
 #include "../conv1x1_composites.h"
+#include "../cudnn_composites.h"
 #include "../conv1x1_scatter.h"
 #include "../tensor_core_switch.h"
 #include "launch.cuh"
@@ -138,6 +139,11 @@ at::Tensor conv1x1_scatter_add_cuda(const at::Tensor& residual, const at::Tensor
   l.total = l.out.numel();
   if (l.total == 0) return l.out;
   l.pk = packed.contiguous(layout);
+  // Experimental (not yet run on a GPU): the 1x1 conv by cuDNN, then the scatter_add kernel -- for every
+  // call when the composites are switched on, else for the calls the tensor cores decline.
+  if (cudnn_composites_enabled()) {
+    return conv1x1_scatter_add_by_dense_conv(l.res, l.pk, indices, weight, bias_or_undefined(bias), activation);
+  }
   // Tensor cores (switch on, eligible call): their epilogue updates the covered positions of a map
   // that holds the residual, so out starts as a copy of it and the activation of the uncovered
   // positions follows (ReLU is idempotent on the covered ones).
@@ -148,7 +154,6 @@ at::Tensor conv1x1_scatter_add_cuda(const at::Tensor& residual, const at::Tensor
       return out;
     }
   }
-  // Experimental (not yet run on a GPU): the 1x1 conv by cuDNN, then the scatter_add kernel.
   if (experimental_kernels_enabled()) {
     return conv1x1_scatter_add_by_dense_conv(l.res, l.pk, indices, weight, bias_or_undefined(bias), activation);
   }
@@ -174,12 +179,13 @@ void conv1x1_scatter_add_inplace_cuda(const at::Tensor& residual, const at::Tens
   const at::MemoryFormat layout = feature_layout(residual);
   l.out = residual.is_contiguous(layout) ? residual : residual.contiguous(layout);
   l.pk = packed.contiguous(layout);
-  if (layout == at::MemoryFormat::ChannelsLast &&
+  const bool composite_first = cudnn_composites_enabled();  // as in the out-of-place op
+  if (!composite_first && layout == at::MemoryFormat::ChannelsLast &&
       tensor_core_conv1x1_scatter_add(l.out, l.pk, l.grid_or_idx, weight, bias, act)) {
     if (!l.out.is_same(residual)) residual.copy_(l.out);
     return;
   }
-  if (experimental_kernels_enabled()) {  // as in the out-of-place op
+  if (composite_first || experimental_kernels_enabled()) {
     conv1x1_scatter_add_by_dense_conv_(l.out, l.pk, l.grid_or_idx, weight, bias_or_undefined(bias), activation);
     if (!l.out.is_same(residual)) residual.copy_(l.out);
     return;

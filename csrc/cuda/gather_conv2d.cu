@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include "../activation.h"
+#include "../cudnn_composites.h"
 #include "../gather_conv2d_tiles.h"
 #include "../tensor_core_switch.h"
 #include "../spatial_conv.h"
@@ -96,8 +97,10 @@ at::Tensor gather_conv2d_cuda(const at::Tensor& x, const at::Tensor& indices, co
   at::Tensor packed = at::empty({g.P, g.Cout, g.S, g.S}, x.options().memory_format(layout));
   const int64_t total = packed.numel();
   if (total == 0) return packed;
+  // Experimental (not yet run on a GPU): the halo tiles through cuDNN, for every call when the
+  // composites are switched on, else for the calls the tensor cores decline, instead of the kernel below.
+  if (cudnn_composites_enabled()) return gather_conv2d_by_tiles(src, idx, wc, b, g, act);
   if (tensor_core_gather_conv2d(packed, src, idx, wc, b, g, act)) return packed;
-  // Experimental (not yet run on a GPU): the halo tiles through cuDNN, instead of the kernel below.
   if (experimental_kernels_enabled()) return gather_conv2d_by_tiles(src, idx, wc, b, g, act);
   const bool nhwc = layout == at::MemoryFormat::ChannelsLast;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "gather_conv2d_cuda", [&] {

@@ -29,6 +29,7 @@
 
 #include "../activation.h"
 #include "../conv1x1_composites.h"
+#include "../cudnn_composites.h"
 #include "../tensor_core_switch.h"
 #include "../spatial_conv.h"
 #include "launch.cuh"
@@ -108,8 +109,10 @@ std::tuple<at::Tensor, at::Tensor> masker_conv1x1_cuda(const at::Tensor& x, cons
   at::Tensor sums = at::empty({g.N, g.M, g.Hq, g.Wq}, opts.dtype(acc_type)).zero_();
   const int64_t total = g.N * g.H * g.W * (g.Cout + g.M);
   if (total == 0) return {y, sums.to(x.scalar_type())};
+  // Experimental (not yet run on a GPU): two cuDNN 1x1 convolutions and a pooling, for every call when
+  // the composites are switched on, else for the calls the tensor cores decline, instead of the kernel below.
+  if (cudnn_composites_enabled()) return masker_conv1x1_by_dense_conv(src, w, b, wm, mb, g, act);
   if (tensor_core_masker_conv1x1(y, sums, src, w, b, wm, mb, g, act)) return {y, sums.to(x.scalar_type())};
-  // Experimental (not yet run on a GPU): two cuDNN 1x1 convolutions and a pooling, instead of the kernel below.
   if (experimental_kernels_enabled()) return masker_conv1x1_by_dense_conv(src, w, b, wm, mb, g, act);
   const LogitStrides ls{sums.stride(0), sums.stride(1), sums.stride(2), sums.stride(3)};
   const bool nhwc = layout == at::MemoryFormat::ChannelsLast;
