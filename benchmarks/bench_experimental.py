@@ -1,6 +1,7 @@
 """The experimental CUDA paths (not yet run on a GPU) against the validated ones and dense cuDNN.
 
-On a GPU, ResNet-50 / RegNet stage shapes at batch 128, half the S = 4 patches kept, channels_last:
+On a GPU, ResNet-50 / RegNet stage shapes at batch 128, half the S = 4 patches kept, channels_last.
+Each row times the validated path (the default), the experimental one and a dense baseline:
 
   gather_conv2d float32        3x3 width->width: SIMT kernel | halo tiles through cuDNN (experimental)
                                | dense F.conv2d 3x3
@@ -9,11 +10,30 @@ On a GPU, ResNet-50 / RegNet stage shapes at batch 128, half the S = 4 patches k
   channel_gated_conv2d grouped 3x3, 16 channels a group and a gate group, half the gate groups on:
     fp16                       SIMT kernel | one tensor-core GEMM per (sample, group) (experimental)
                                | dense grouped F.conv2d 3x3
+  channel_gated_conv2d float32 3x3 width->width, gate groups of 4, half of them on in and out: SIMT
+    G=4                        kernel | one grouped cuDNN convolution over the (sample, conv group)
+                               pairs' active channels (experimental) | dense F.conv2d 3x3
   masker_conv1x1 float32       1x1 4*width->width + 1 masker channel: SIMT kernel | two cuDNN 1x1
                                convs and a pooling (experimental) | dense F.conv2d 1x1
   conv1x1_scatter_add float32  1x1 width->4*width on the packed patches + scatter-add onto the
                                residual: SIMT kernel | cuDNN 1x1 conv + scatter_add kernel
                                (experimental) | dense F.conv2d 1x1 over the whole map + add + relu
+  sample_gather fp16           half the samples of a 4*width map: one element a thread | 16-byte
+                               row vectors (experimental) | copying the same bytes (Tensor.copy_)
+  sample_scatter_add fp16      the block's output of half the samples added back, relu: one element
+                               a thread | 16-byte row vectors (experimental) | the dense block's
+                               add + relu over the whole batch
+
+The composite rows ask whether cuDNN under the sparse ops beats the tensor-core kernels on the calls
+those take (float16): the validated column is then the tensor-core kernel, the experimental one the
+composite, called through its internal op (the switch does not route such calls to it):
+
+  gather_conv2d fp16 tiles     tensor-core gather GEMM | halo tiles through cuDNN
+  channel_gated_conv2d fp16    G = 16: tensor-core GEMM per sample | one grouped cuDNN convolution
+    pairs                      over the pairs' active channels
+  masker_conv1x1 fp16 cudnn    tensor-core GEMM with the pooling epilogue | cuDNN 1x1 convs + pooling
+  conv1x1_scatter_add fp16     tensor-core GEMM with the scatter epilogue | cuDNN 1x1 conv +
+    cudnn                      scatter_add kernel
 
 Each row also reports the largest difference between the two sparse paths' outputs (both computed
 here, so a wrong experimental result shows next to its speed). cuDNN settings are torch's defaults
@@ -24,6 +44,7 @@ here, so a wrong experimental result shows next to its speed). cuDNN settings ar
 
 import argparse
 import csv
+import functools
 import math
 import os
 import sys
@@ -60,16 +81,49 @@ def cl(t):
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def gather_case(N, side, width, groups, dtype, args, gen):
+class Case:
+    """``op``: the call as users make it (validated path with the switch off, experimental with it
+    on), or with ``candidate``: the validated path is ``op`` and the experimental one ``candidate``,
+    both timed with the switch off. ``dense``: the baseline."""
+
+    def __init__(self, op, dense, candidate=None):
+        self.op, self.dense, self.candidate = op, dense, candidate
+
+    def validated(self):
+        return on_path(False, self.op)
+
+    def experimental(self):
+        return on_path(False, self.candidate) if self.candidate is not None else on_path(True, self.op)
+
+
+def patch_indices(N, side, args, gen):
     S = args.patch_size
+    mask = torch.rand(N, math.ceil(side / S), math.ceil(side / S), generator=gen) < args.rate
+    return reference.patch_indices(mask).cuda()
+
+
+def gather_inputs(N, side, width, groups, dtype, args, gen):
     x = cl(torch.randn(N, width, side, side, generator=gen).to("cuda", dtype))
     w = (torch.randn(width, width // groups, 3, 3, generator=gen) / math.sqrt(9 * width // groups)).to("cuda", dtype)
     b = torch.randn(width, generator=gen).to("cuda", dtype)
-    mask = torch.rand(N, math.ceil(side / S), math.ceil(side / S), generator=gen) < args.rate
-    idx = reference.patch_indices(mask).cuda()
+    return x, patch_indices(N, side, args, gen), w, b
+
+
+def gather_case(N, side, width, args, gen, dtype=torch.float32, group_width=None):
+    groups = width // group_width if group_width else 1
+    x, idx, w, b = gather_inputs(N, side, width, groups, dtype, args, gen)
     wcl = cl(w)
-    return (lambda: laudnet_ops.gather_conv2d(x, idx, w, b, S, 1, 1, groups=groups),
-            lambda: F.conv2d(x, wcl, b, 1, 1, groups=groups))
+    return Case(lambda: laudnet_ops.gather_conv2d(x, idx, w, b, args.patch_size, 1, 1, groups=groups),
+                lambda: F.conv2d(x, wcl, b, 1, 1, groups=groups))
+
+
+def gather_tiles_fp16_case(N, side, width, args, gen):
+    x, idx, w, b = gather_inputs(N, side, width, 1, torch.float16, args, gen)
+    wcl = cl(w)
+    S = args.patch_size
+    return Case(lambda: laudnet_ops.gather_conv2d(x, idx, w, b, S, 1, 1),
+                lambda: F.conv2d(x, wcl, b, 1, 1),
+                functools.partial(torch.ops.laudnet_ops._gather_conv2d_by_tiles, x, idx, w, b, S, 1, 1, 1, 1, "relu"))
 
 
 def grouped_channel_case(N, side, width, args, gen):
@@ -80,43 +134,95 @@ def grouped_channel_case(N, side, width, args, gen):
     gin = (torch.rand(N, width // G, generator=gen) < args.rate).cuda()
     gout = (torch.rand(N, width // G, generator=gen) < args.rate).cuda()
     wcl = cl(w)
-    return (lambda: laudnet_ops.channel_gated_conv2d(x, w, b, gin, gout, G, padding=1, groups=groups),
-            lambda: F.conv2d(x, wcl, b, 1, 1, groups=groups))
+    return Case(lambda: laudnet_ops.channel_gated_conv2d(x, w, b, gin, gout, G, padding=1, groups=groups),
+                lambda: F.conv2d(x, wcl, b, 1, 1, groups=groups))
 
 
-def masker_case(N, side, width, args, gen):
+def channel_case(N, side, width, args, gen, dtype=torch.float32, G=4, composite=False):
+    """A channel block's 3x3 with half of its gate groups on, in and out."""
+    x = cl(torch.randn(N, width, side, side, generator=gen).to("cuda", dtype))
+    w = (torch.randn(width, width, 3, 3, generator=gen) / math.sqrt(9 * width)).to("cuda", dtype)
+    b = torch.randn(width, generator=gen).to("cuda", dtype)
+    gin = (torch.rand(N, width // G, generator=gen) < args.rate).cuda()
+    gout = (torch.rand(N, width // G, generator=gen) < args.rate).cuda()
+    wcl = cl(w)
+    candidate = None
+    if composite:
+        candidate = functools.partial(torch.ops.laudnet_ops._channel_gated_conv2d_by_sample_groups, x, w, b, gin,
+                                      gout, G, [1, 1], [1, 1], [1, 1], 1, "relu")
+    return Case(lambda: laudnet_ops.channel_gated_conv2d(x, w, b, gin, gout, G, padding=1),
+                lambda: F.conv2d(x, wcl, b, 1, 1), candidate)
+
+
+def masker_case(N, side, width, args, gen, dtype=torch.float32, composite=False):
     cin = 4 * width
-    x = cl(torch.randn(N, cin, side, side, generator=gen).cuda())
-    w = (torch.randn(width, cin, 1, 1, generator=gen) / math.sqrt(cin)).cuda()
-    b = torch.randn(width, generator=gen).cuda()
-    mw = (torch.randn(1, cin, 1, 1, generator=gen) / math.sqrt(cin)).cuda()
-    mb = torch.randn(1, generator=gen).cuda()
+    x = cl(torch.randn(N, cin, side, side, generator=gen).to("cuda", dtype))
+    w = (torch.randn(width, cin, 1, 1, generator=gen) / math.sqrt(cin)).to("cuda", dtype)
+    b = torch.randn(width, generator=gen).to("cuda", dtype)
+    mw = (torch.randn(1, cin, 1, 1, generator=gen) / math.sqrt(cin)).to("cuda", dtype)
+    mb = torch.randn(1, generator=gen).to("cuda", dtype)
     wcl = cl(w)
-    return (lambda: laudnet_ops.masker_conv1x1(x, w, b, mw, mb, args.patch_size),
-            lambda: F.conv2d(x, wcl, b))
+    S = args.patch_size
+    candidate = None
+    if composite:
+        candidate = functools.partial(torch.ops.laudnet_ops._masker_conv1x1_by_dense_conv, x, w, b, mw, mb, S, 1,
+                                      "relu")
+    return Case(lambda: laudnet_ops.masker_conv1x1(x, w, b, mw, mb, S), lambda: F.conv2d(x, wcl, b), candidate)
 
 
-def conv1x1_scatter_add_case(N, side, width, args, gen):
+def conv1x1_scatter_add_case(N, side, width, args, gen, dtype=torch.float32, composite=False):
     S, cout = args.patch_size, 4 * width
-    mask = torch.rand(N, math.ceil(side / S), math.ceil(side / S), generator=gen) < args.rate
-    idx = reference.patch_indices(mask).cuda()
-    packed = cl(torch.randn(idx.shape[0], width, S, S, generator=gen).cuda())
-    w = (torch.randn(cout, width, 1, 1, generator=gen) / math.sqrt(width)).cuda()
-    b = torch.randn(cout, generator=gen).cuda()
-    residual = cl(torch.randn(N, cout, side, side, generator=gen).cuda())
-    x = cl(torch.randn(N, width, side, side, generator=gen).cuda())
+    idx = patch_indices(N, side, args, gen)
+    packed = cl(torch.randn(idx.shape[0], width, S, S, generator=gen).to("cuda", dtype))
+    w = (torch.randn(cout, width, 1, 1, generator=gen) / math.sqrt(width)).to("cuda", dtype)
+    b = torch.randn(cout, generator=gen).to("cuda", dtype)
+    residual = cl(torch.randn(N, cout, side, side, generator=gen).to("cuda", dtype))
+    x = cl(torch.randn(N, width, side, side, generator=gen).to("cuda", dtype))
     wcl = cl(w)
-    return (lambda: laudnet_ops.conv1x1_scatter_add(residual, packed, idx, w, b),
-            lambda: torch.relu_(F.conv2d(x, wcl, b).add_(residual)))
+    candidate = None
+    if composite:
+        candidate = functools.partial(torch.ops.laudnet_ops._conv1x1_scatter_add_by_dense_conv, residual, packed,
+                                      idx, w, b, "relu")
+    return Case(lambda: laudnet_ops.conv1x1_scatter_add(residual, packed, idx, w, b),
+                lambda: torch.relu_(F.conv2d(x, wcl, b).add_(residual)), candidate)
+
+
+def layer_inputs(N, side, width, args, gen):
+    """A bottleneck's output map (4 * width channels) and half the samples' gates."""
+    x = cl(torch.randn(N, 4 * width, side, side, generator=gen).to("cuda", torch.float16))
+    gates = (torch.rand(N, generator=gen) < args.rate).cuda()
+    return x, gates
+
+
+def sample_gather_case(N, side, width, args, gen):
+    x, gates = layer_inputs(N, side, width, args, gen)
+    kept = int(gates.sum())
+    src, dst = x[:kept], torch.empty_like(x[:kept])
+    return Case(lambda: laudnet_ops.sample_gather(x, gates), lambda: dst.copy_(src))
+
+
+def sample_scatter_add_case(N, side, width, args, gen):
+    residual, gates = layer_inputs(N, side, width, args, gen)
+    y, sel = laudnet_ops.sample_gather(torch.randn_like(residual), gates)
+    full = torch.randn_like(residual)
+    return Case(lambda: laudnet_ops.sample_scatter_add(residual, y, sel),
+                lambda: torch.relu(residual + full))
 
 
 CASES = {
-    "gather_conv2d float32": lambda N, side, width, args, gen: gather_case(N, side, width, 1, torch.float32, args, gen),
-    "gather_conv2d grouped fp16": lambda N, side, width, args, gen: gather_case(
-        N, side, width, width // GROUP_WIDTH, torch.float16, args, gen),
+    "gather_conv2d float32": gather_case,
+    "gather_conv2d grouped fp16": functools.partial(gather_case, dtype=torch.float16, group_width=GROUP_WIDTH),
     "channel_gated_conv2d grouped fp16": grouped_channel_case,
+    "channel_gated_conv2d float32 G=4": channel_case,
     "masker_conv1x1 float32": masker_case,
     "conv1x1_scatter_add float32": conv1x1_scatter_add_case,
+    "sample_gather fp16": sample_gather_case,
+    "sample_scatter_add fp16": sample_scatter_add_case,
+    "gather_conv2d fp16 tiles": gather_tiles_fp16_case,
+    "channel_gated_conv2d fp16 pairs": functools.partial(channel_case, dtype=torch.float16, G=16, composite=True),
+    "masker_conv1x1 fp16 cudnn": functools.partial(masker_case, dtype=torch.float16, composite=True),
+    "conv1x1_scatter_add fp16 cudnn": functools.partial(conv1x1_scatter_add_case, dtype=torch.float16,
+                                                        composite=True),
 }
 
 
@@ -151,11 +257,11 @@ def main():
     for stage in args.stages.split(","):
         side, width = STAGES[stage]
         for case_name, make in CASES.items():
-            op, dense = make(args.batch, side, width, args, gen)
-            validated = on_path(False, lambda: C.time_ms(op, args.min_ms / 1e3, "cuda"))
-            experimental = on_path(True, lambda: C.time_ms(op, args.min_ms / 1e3, "cuda"))
-            dense_ms = C.time_ms(dense, args.min_ms / 1e3, "cuda")
-            diff = max_abs_diff(on_path(True, op), on_path(False, op))
+            case = make(args.batch, side, width, args, gen)
+            validated = C.time_ms(case.validated, args.min_ms / 1e3, "cuda")
+            experimental = C.time_ms(case.experimental, args.min_ms / 1e3, "cuda")
+            dense_ms = C.time_ms(case.dense, args.min_ms / 1e3, "cuda")
+            diff = max_abs_diff(case.experimental(), case.validated())
             row = dict(device=name, case=case_name, stage=stage, batch=args.batch, validated_ms=round(validated, 4),
                        experimental_ms=round(experimental, 4), dense_ms=round(dense_ms, 4),
                        experimental_vs_validated=round(experimental / validated, 4),

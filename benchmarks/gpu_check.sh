@@ -3,7 +3,8 @@
 # visible GPU (or take a matching prebuilt one), run the CUDA tests with the SIMT kernels, again with
 # the tensor cores on, and once more with the experimental paths on, compute-sanitizer's memcheck over
 # the sparse kernels, the tensor-core benchmark with a kernel trace, Nsight Compute over the tensor-core
-# GEMMs, the block, experimental-path and fusion-ablation benchmarks, and write the summary to
+# GEMMs, the block benchmark (tensor-core kernels, then cuDNN composites) and a profile of the blocks'
+# kernels, the experimental-path and fusion-ablation benchmarks, and write the summary to
 # benchmarks/results/gpu-<device>-<commit>.md.
 # Fits one 600 s device call: the step caps add up to at most 540 s (the network benchmark is left
 # out; run benchmarks/bench_network.py on its own).
@@ -102,30 +103,35 @@ fi
 FAST_TESTS=(-m cuda -q -p no:cacheprovider -rfE -k "not property and not compile")  # inductor compiles take minutes
 $PY -c 'import xdist' 2>/dev/null && FAST_TESTS+=(-n 8)
 step cuda-tests 55 env LAUDNET_OPS_TENSOR_CORES=0 $PY -m pytest tests --maxfail=40 "${FAST_TESTS[@]}"
-step tc-tests 40 env LAUDNET_OPS_TENSOR_CORES=1 $PY -m pytest tests/test_tensor_cores.py tests/test_gather_conv2d.py \
+step tc-tests 35 env LAUDNET_OPS_TENSOR_CORES=1 $PY -m pytest tests/test_tensor_cores.py tests/test_gather_conv2d.py \
   tests/test_masker_conv1x1.py tests/test_channel_gated_conv2d.py tests/test_conv1x1_scatter_add.py \
   tests/test_nn_blocks.py --maxfail=40 "${FAST_TESTS[@]}"
 step exp-tests 45 env LAUDNET_OPS_TENSOR_CORES=1 LAUDNET_OPS_EXPERIMENTAL=1 $PY -m pytest tests/test_tensor_cores.py \
   tests/test_gather_conv2d.py tests/test_gather_conv2d_tiles.py tests/test_channel_gated_conv2d.py \
   tests/test_masker_conv1x1.py tests/test_conv1x1_scatter_add.py tests/test_conv1x1_composites.py \
-  tests/test_nn_blocks.py tests/test_nn_gather_conv.py --maxfail=40 "${FAST_TESTS[@]}"
+  tests/test_nn_blocks.py tests/test_nn_gather_conv.py tests/test_channel_gated_sample_groups.py \
+  tests/test_layer_skip.py tests/test_scatter_add.py tests/test_cudnn_composites.py --maxfail=40 "${FAST_TESTS[@]}"
 
-# memcheck on the sparse kernels: the tensor-core ones (the experimental grouped GEMM included), then the
-# SIMT ones (layouts, borders, empty inputs).
+# memcheck on the sparse kernels: the tensor-core ones (the experimental grouped GEMM included), the
+# SIMT ones (layouts, borders, empty inputs), and the experimental vector kernels.
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  step memcheck 25 env LAUDNET_OPS_TENSOR_CORES=1 LAUDNET_OPS_EXPERIMENTAL=1 compute-sanitizer --tool memcheck --error-exitcode 3 \
+  step memcheck 20 env LAUDNET_OPS_TENSOR_CORES=1 LAUDNET_OPS_EXPERIMENTAL=1 compute-sanitizer --tool memcheck --error-exitcode 3 \
     $PY -m pytest tests/test_tensor_cores.py -m cuda -q -p no:cacheprovider \
     -k "float16 and not bfloat16 and (N2_C16 or N2_C32 or N3_C8) and not all_on and not all_off"
-  step memcheck-simt 30 env LAUDNET_OPS_TENSOR_CORES=0 compute-sanitizer --tool memcheck --error-exitcode 3 \
+  step memcheck-simt 20 env LAUDNET_OPS_TENSOR_CORES=0 compute-sanitizer --tool memcheck --error-exitcode 3 \
     $PY -m pytest tests/test_gather_conv2d.py tests/test_scatter_add.py tests/test_layer_skip.py \
     tests/test_conv1x1_scatter_add.py tests/test_patch_indices.py tests/test_masker_conv1x1.py \
     tests/test_channel_gated_conv2d.py -m cuda -q -p no:cacheprovider -k "memory_formats or empty_inputs \
     or border_zeros or inplace_touches or small_map_many_outputs or inactive_outputs or unordered or large_grid"
+  # the experimental 16-byte vector kernels of the layer-skipping and scatter ops
+  step memcheck-vec 15 env LAUDNET_OPS_EXPERIMENTAL=1 compute-sanitizer --tool memcheck --error-exitcode 3 \
+    $PY -m pytest tests/test_layer_skip.py tests/test_scatter_add.py -m cuda -q -p no:cacheprovider \
+    -k "row_vectors or channel_vectors"
 else
   note "memcheck      skipped: compute-sanitizer not found"
 fi
 
-step bench-tc 35 $PY benchmarks/bench_tensor_cores.py --batch 128 --min-ms 40 --kernel-trace \
+step bench-tc 30 $PY benchmarks/bench_tensor_cores.py --batch 128 --min-ms 40 --kernel-trace \
   --csv "$LOGDIR/bench_tensor_cores.csv"
 # Nsight Compute on the tensor-core GEMMs at stage 2 (each op runs twice; all eight launches profiled).
 if command -v ncu >/dev/null 2>&1; then
@@ -138,13 +144,20 @@ fi
 # Channel skipping at G = 16: the tensor-core kernel needs gate groups of a multiple of 8 channels.
 PROFILE=$($PY -c 'import torch; print("h200" if "H200" in torch.cuda.get_device_name() else "h100")')
 BLOCK_ARGS=(--gpu $PROFILE --batch 128 --dtype fp16 --rates 0.5 --quiet --min-run-time 0.05)
-step bench 25 env LAUDNET_OPS_TENSOR_CORES=0 $PY benchmarks/bench_block.py "${BLOCK_ARGS[@]}" \
-  --modes dense,spatial,layer --csv "$LOGDIR/bench_block_simt.csv"
-step bench-on 25 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/bench_block.py "${BLOCK_ARGS[@]}" \
+step bench-on 20 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/bench_block.py "${BLOCK_ARGS[@]}" \
   --modes dense,spatial,layer --csv "$LOGDIR/bench_block.csv"
 step bench-ch 20 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/bench_block.py "${BLOCK_ARGS[@]}" \
   --modes dense,channel --granularity 16 --no-unfused --csv "$LOGDIR/bench_block_channel.csv"
-step bench-exp 25 $PY benchmarks/bench_experimental.py --batch 128 --csv "$LOGDIR/bench_experimental.csv"
+# Where the blocks' time goes (their kernels, the GPU's idle share, host syncs), on the validated paths.
+step profile 20 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/profile_block.py --batch 128 --dtype fp16 \
+  --modes dense,spatial,layer
+step bench-exp 25 $PY benchmarks/bench_experimental.py --batch 128 --min-ms 20 --csv "$LOGDIR/bench_experimental.csv"
+# The same float16 blocks with every sparse convolution on its cuDNN composite and the experimental
+# vector kernels (channel skipping at the default G = 2, which no tensor-core kernel takes): which
+# strategy wins per block.
+step bench-cudnn 20 env LAUDNET_OPS_TENSOR_CORES=1 LAUDNET_OPS_EXPERIMENTAL=1 LAUDNET_OPS_CUDNN_COMPOSITES=1 \
+  $PY benchmarks/bench_block.py "${BLOCK_ARGS[@]}" --modes dense,spatial,channel,layer --no-unfused \
+  --csv "$LOGDIR/bench_block_cudnn.csv"
 # float32 spatial blocks with the experimental paths (cuDNN under the sparse ops) instead of SIMT kernels
 step bench-exp-fp32 20 env LAUDNET_OPS_EXPERIMENTAL=1 $PY benchmarks/bench_block.py --gpu $PROFILE --batch 128 \
   --dtype fp32 --rates 0.5 --quiet --min-run-time 0.05 --modes dense,spatial --csv "$LOGDIR/bench_block_exp_fp32.csv"
@@ -157,8 +170,9 @@ report() {  # the summary and the tables, as markdown
   echo '```'
   cat "$summary"
   echo '```'
-  for part in bench-tc:bench_tensor_cores "bench:bench_block, SIMT kernels" "bench-on:bench_block" \
-      "bench-ch:bench_block, channel skipping at G = 16" "bench-exp:bench_experimental" \
+  for part in bench-tc:bench_tensor_cores "bench-on:bench_block" \
+      "bench-ch:bench_block, channel skipping at G = 16" "profile:profile_block" "bench-exp:bench_experimental" \
+      "bench-cudnn:bench_block, float16 on the cuDNN composites" \
       "bench-exp-fp32:bench_block, float32, experimental paths" \
       "ablation:ablation_fusion"; do
     echo

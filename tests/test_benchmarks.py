@@ -209,3 +209,16 @@ def test_fused_residual_dense_baseline_computes_the_dense_network(layout):
                                                                       else "contiguous_format"))
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("script", ["bench_experimental", "profile_block", "bench_tensor_cores"])
+def test_gpu_only_scripts_say_why_they_measure_nothing(script, monkeypatch):
+    # On a machine without a GPU they stop at once with the reason, instead of failing halfway.
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the script would measure")
+    module = __import__(script)
+    monkeypatch.setattr(sys, "argv", [script])
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        module.main()

@@ -7,9 +7,9 @@
 // from Nsight Compute and the SASS: 250 registers a thread hold it at 2 blocks (8 warps) per SM, and
 // the warps are issue-bound, not tensor-bound -- a k-tile's 64 HMMAs come with ~390 instructions of
 // index math and predicates, and the epilogue spends ~110 instructions per accumulator (the store
-// redoes the row's position, with integer divisions, for each of its 128 values). The branch
-// tc-row-epilogue does the row's part once per row and steps the loaders' gather state from k-tile to
-// k-tile; it passes the CPU emulation tests but has not run on a GPU yet.
+// redoes the row's position, with integer divisions, for each of its 128 values). Doing the row's
+// part once per row and stepping the loaders' gather state from k-tile to k-tile is the fix to come
+// (benchmarks/results/gpu.md).
 //
 // Neither A nor B is materialised. A Problem (one per op, see the other files here) maps a row m
 // and a 16-byte k-vector kv (8 half/bf16 values, k = 8 kv .. 8 kv + 7) to a source address or to
