@@ -110,7 +110,8 @@ step exp-tests 45 env LAUDNET_OPS_TENSOR_CORES=1 LAUDNET_OPS_EXPERIMENTAL=1 $PY 
   tests/test_gather_conv2d.py tests/test_gather_conv2d_tiles.py tests/test_channel_gated_conv2d.py \
   tests/test_masker_conv1x1.py tests/test_conv1x1_scatter_add.py tests/test_conv1x1_composites.py \
   tests/test_nn_blocks.py tests/test_nn_gather_conv.py tests/test_channel_gated_sample_groups.py \
-  tests/test_layer_skip.py tests/test_scatter_add.py tests/test_cudnn_composites.py --maxfail=40 "${FAST_TESTS[@]}"
+  tests/test_layer_skip.py tests/test_scatter_add.py tests/test_cudnn_composites.py tests/test_known_indices.py \
+  --maxfail=40 "${FAST_TESTS[@]}"
 
 # memcheck on the sparse kernels: the tensor-core ones (the experimental grouped GEMM included), the
 # SIMT ones (layouts, borders, empty inputs), and the experimental vector kernels.
@@ -148,9 +149,11 @@ step bench-on 20 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/bench_block.py "$
   --modes dense,spatial,layer --csv "$LOGDIR/bench_block.csv"
 step bench-ch 20 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/bench_block.py "${BLOCK_ARGS[@]}" \
   --modes dense,channel --granularity 16 --no-unfused --csv "$LOGDIR/bench_block_channel.csv"
-# Where the blocks' time goes (their kernels, the GPU's idle share, host syncs), on the validated paths.
-step profile 20 env LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/profile_block.py --batch 128 --dtype fp16 \
-  --modes dense,spatial,layer
+# Where the blocks' time goes (their kernels, the GPU's idle share, host syncs): the validated paths,
+# then one block with the experimental ones (vector kernels, fewer syncs).
+step profile 20 bash -c "LAUDNET_OPS_TENSOR_CORES=1 $PY benchmarks/profile_block.py --batch 128 --dtype fp16 \
+  --modes dense,spatial,layer && LAUDNET_OPS_TENSOR_CORES=1 LAUDNET_OPS_EXPERIMENTAL=1 $PY \
+  benchmarks/profile_block.py --batch 128 --dtype fp16 --block resnet101:layer3.1 --modes spatial,layer"
 step bench-exp 25 $PY benchmarks/bench_experimental.py --batch 128 --min-ms 20 --csv "$LOGDIR/bench_experimental.csv"
 # The same float16 blocks with every sparse convolution on its cuDNN composite and the experimental
 # vector kernels (channel skipping at the default G = 2, which no tensor-core kernel takes): which

@@ -79,7 +79,7 @@ def profile_call(fn, calls):
     events = prof.key_averages()
     device = gpu_entries(events)
     kernels = sum(e.self_device_time_total for e in device) / 1e3 / calls
-    syncs = (sum(e.count for e in events if e.key in SYNC_EVENTS) - 1) / calls
+    syncs = max(0, sum(e.count for e in events if e.key in SYNC_EVENTS) - 1) / calls
     return wall, kernels, syncs, device
 
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../activation.h"
+#include "../known_indices.h"
 #include "../sample_rows.h"
 #include "vec_loops.h"
 
@@ -172,6 +173,7 @@ std::tuple<at::Tensor, at::Tensor> sample_gather_cpu(const at::Tensor& x, const 
   int32_t* sp = sel.data_ptr<int32_t>();
   for (int64_t n = 0; n < s.N; ++n)
     if (on[n]) *sp++ = static_cast<int32_t>(n);
+  remember_indices(sel, {s.N});
   const at::MemoryFormat layout = feature_layout(x);
   at::Tensor out = at::empty(rows_shape(x, s.K), x.options().memory_format(layout));
   if (out.numel() == 0) return {out, sel};

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../known_indices.h"
 
 namespace laudnet_ops {
 namespace {
@@ -51,6 +52,7 @@ at::Tensor patch_indices_cpu(const at::Tensor& mask) {
       }
     }
   });
+  remember_indices(out, {N, Hp, Wp});
   return out;
 }
 

@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include "../activation.h"
+#include "../known_indices.h"
 #include "../tensor_core_switch.h"
 #include "launch.cuh"
 #include "row_vectors.cuh"
@@ -96,6 +97,7 @@ std::tuple<at::Tensor, at::Tensor> sample_gather_cuda(const at::Tensor& x, const
   const c10::cuda::CUDAGuard guard(x.device());
   // The compaction is ATen's; reading its size is the one host synchronisation.
   const at::Tensor sel = at::nonzero(gates).view({-1}).to(at::kInt);
+  remember_indices(sel, {s.N});
   const at::MemoryFormat layout = feature_layout(x);
   at::Tensor out = at::empty(rows_shape(x, sel.size(0)), x.options().memory_format(layout));
   launch_copy_rows(x.contiguous(layout), out, sel, s.R);

@@ -4,7 +4,10 @@
 // atomicCAS; a row out of range or a duplicate is recorded in a small status
 // buffer instead of being followed, so no kernel ever touches memory outside
 // its tensors. The status is read back once (a single small copy) so the error
-// can name the offending row, as the CPU backend does.
+// can name the offending row, as the CPU backend does. With the experimental
+// switch on (not yet run on a GPU), rows that patch_indices made and nobody has
+// changed since skip that read: the kernel still builds the grid, and no host
+// synchronisation waits for it (known_indices.cpp).
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -13,7 +16,9 @@
 
 #include <limits>
 
+#include "../known_indices.h"
 #include "../patch_geometry.h"
+#include "../tensor_core_switch.h"
 
 namespace laudnet_ops {
 namespace cuda {
@@ -45,6 +50,8 @@ inline at::Tensor validate_rows(const at::Tensor& indices, const PatchGeometry& 
   const auto int_opts = indices.options().dtype(at::kInt);
   at::Tensor grid = want_grid ? at::full({g.N * g.Hp * g.Wp}, -1, int_opts) : at::Tensor();
   if (g.P == 0) return grid;
+  const bool known = experimental_kernels_enabled() && known_indices(indices, {g.N, g.Hp, g.Wp});
+  if (known && !want_grid) return grid;
   at::Tensor status = at::full({2}, std::numeric_limits<int32_t>::max(), int_opts);
   const int threads = 256;
   const int64_t blocks = (g.P + threads - 1) / threads;
@@ -52,6 +59,7 @@ inline at::Tensor validate_rows(const at::Tensor& indices, const PatchGeometry& 
       indices.data_ptr<int32_t>(), g.P, g.N, g.Hp, g.Wp, want_grid ? grid.data_ptr<int32_t>() : nullptr,
       status.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (known) return grid;
   const at::Tensor host = status.cpu();
   const int32_t bad = host.data_ptr<int32_t>()[0], dup = host.data_ptr<int32_t>()[1];
   if (bad != std::numeric_limits<int32_t>::max() || dup != std::numeric_limits<int32_t>::max()) {

@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "../checks.h"
+#include "../known_indices.h"
 
 namespace laudnet_ops {
 namespace {
@@ -40,6 +41,7 @@ at::Tensor patch_indices_cuda(const at::Tensor& mask) {
   const at::Tensor position = at::cumsum(flat, 0, at::kInt);
   const int64_t P = position[total - 1].item<int32_t>();
   at::Tensor out = at::empty({P, 3}, int_opts);
+  remember_indices(out, {mask.size(0), mask.size(1), mask.size(2)});
   if (P == 0) return out;
   const int threads = 256;
   const int64_t blocks = (total + threads - 1) / threads;

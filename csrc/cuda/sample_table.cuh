@@ -4,7 +4,10 @@
 // atomicCAS; an entry out of range or a duplicate is recorded in a small status
 // buffer instead of being followed, so no kernel touches memory outside its
 // tensors. The status is read back once (one small copy) so the error names the
-// offending entry, as the CPU backend does.
+// offending entry, as the CPU backend does. With the experimental switch on (not
+// yet run on a GPU), a sel that sample_gather made and nobody has changed since
+// skips that read: the kernel still builds the slot table, and no host
+// synchronisation waits for it (known_indices.cpp).
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -13,7 +16,9 @@
 
 #include <limits>
 
+#include "../known_indices.h"
 #include "../sample_rows.h"
+#include "../tensor_core_switch.h"
 
 namespace laudnet_ops {
 namespace cuda {
@@ -46,11 +51,14 @@ inline at::Tensor validate_sel(const at::Tensor& sel, int64_t N, bool want_slots
   const auto int_opts = sel.options().dtype(at::kInt);
   at::Tensor slot = want_slots ? at::full({N}, -1, int_opts) : at::Tensor();
   if (K == 0) return slot;
+  const bool known = experimental_kernels_enabled() && known_indices(sel, {N});
+  if (known && !want_slots) return slot;
   at::Tensor status = at::full({2}, kNone, int_opts);
   const int threads = 256;
   validate_sel_kernel<<<(K + threads - 1) / threads, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
       sel.data_ptr<int32_t>(), K, N, want_slots ? slot.data_ptr<int32_t>() : nullptr, status.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (known) return slot;
   const at::Tensor host = status.cpu();
   const int32_t bad = host.data_ptr<int32_t>()[0], dup = host.data_ptr<int32_t>()[1];
   if (bad != kNone) {
