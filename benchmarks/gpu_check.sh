@@ -132,8 +132,10 @@ else
   note "memcheck      skipped: compute-sanitizer not found"
 fi
 
-step bench-tc 30 $PY benchmarks/bench_tensor_cores.py --batch 128 --min-ms 40 --kernel-trace \
-  --csv "$LOGDIR/bench_tensor_cores.csv"
+# The tensor-core kernels, then again with the experimental row-by-row epilogue (no SIMT columns).
+step bench-tc 30 bash -c "$PY benchmarks/bench_tensor_cores.py --batch 128 --min-ms 40 --kernel-trace \
+  --csv $LOGDIR/bench_tensor_cores.csv && LAUDNET_OPS_EXPERIMENTAL=1 $PY benchmarks/bench_tensor_cores.py \
+  --batch 128 --min-ms 40 --no-simt --csv $LOGDIR/bench_tensor_cores_rows.csv"
 # Nsight Compute on the tensor-core GEMMs at stage 2 (each op runs twice; all eight launches profiled).
 if command -v ncu >/dev/null 2>&1; then
   step ncu 30 ncu --clock-control none -k regex:gather_gemm --launch-count 8 --section SpeedOfLight \
@@ -182,7 +184,7 @@ report() {  # the summary and the tables, as markdown
     echo "## ${part#*:}"
     echo
     echo '```'
-    sed -n '1,80p' "$LOGDIR/${part%%:*}.log" 2>/dev/null
+    sed -n '1,120p' "$LOGDIR/${part%%:*}.log" 2>/dev/null
     echo '```'
   done
   if [ -f "$LOGDIR/ncu.log" ]; then

@@ -1,4 +1,5 @@
-// State of the tensor-core switch (see tensor_core_switch.h) and the schema of
+// State of the runtime switches -- tensor cores, experimental paths (tensor_core_switch.h), cuDNN
+// composites (cudnn_composites.h) -- and the schema of
 // the internal op that lets tests reach the fused 1x1-conv + scatter-add
 // tensor-core epilogue before its public op is wired to it.
 #include "tensor_core_switch.h"

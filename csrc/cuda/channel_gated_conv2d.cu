@@ -20,8 +20,8 @@
 
 #include "../activation.h"
 #include "../channel_gated_sample_groups.h"
-#include "../cudnn_composites.h"
 #include "../channel_geometry.h"
+#include "../cudnn_composites.h"
 #include "../tensor_core_switch.h"
 #include "launch.cuh"
 #include "tensor_core.h"

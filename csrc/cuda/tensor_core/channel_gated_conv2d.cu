@@ -150,6 +150,19 @@ struct ChannelConvProblem {
     if (n < out_count[z]) v = epilogue_activation(acc + (bias != nullptr ? float(bias[co]) : 0.f), relu);
     y[(static_cast<int64_t>(z / groups) * Ho * Wo + m) * Cout + co] = E(v);
   }
+
+  struct RowOut {
+    E* y;  // the row's output pixel
+  };
+  CUTE_HOST_DEVICE RowOut row_out(int z, int64_t m) const {
+    return RowOut{y + (static_cast<int64_t>(z / groups) * Ho * Wo + m) * Cout};
+  }
+  CUTE_HOST_DEVICE void store_row(const RowOut& r, int z, int n, float acc) const {
+    const int co = out_list[static_cast<int64_t>(z) * Cog + n];
+    float v = 0.f;
+    if (n < out_count[z]) v = epilogue_activation(acc + (bias != nullptr ? float(bias[co]) : 0.f), relu);
+    r.y[co] = E(v);
+  }
 };
 
 template <class E, class Launch>

@@ -66,6 +66,23 @@ struct Conv1x1ScatterProblem {
     E* o = out + ((idx[3 * p] * Ho + oy) * Wo + ox) * Cout + n;
     *o = E(epilogue_activation(float(*o) + acc + (bias != nullptr ? float(bias[n]) : 0.f), relu));
   }
+
+  struct RowOut {
+    E* o;  // the row's output pixel, or null for the part of a border patch outside the map
+  };
+  CUTE_HOST_DEVICE RowOut row_out(int, int64_t m) const {
+    const int64_t p = m / (S * S);
+    const int r = static_cast<int>(m - p * S * S);
+    const int64_t oy = static_cast<int64_t>(idx[3 * p + 1]) * S + r / S;
+    const int64_t ox = static_cast<int64_t>(idx[3 * p + 2]) * S + r % S;
+    if (oy >= Ho || ox >= Wo) return RowOut{nullptr};
+    return RowOut{out + ((idx[3 * p] * Ho + oy) * Wo + ox) * Cout};
+  }
+  CUTE_HOST_DEVICE void store_row(const RowOut& r, int, int n, float acc) const {
+    if (r.o == nullptr) return;
+    E* o = r.o + n;
+    *o = E(epilogue_activation(float(*o) + acc + (bias != nullptr ? float(bias[n]) : 0.f), relu));
+  }
 };
 
 template <class E, class Launch>

@@ -100,6 +100,21 @@ struct GatherConvProblem {
     if (oy < Ho && ox < Wo) v = epilogue_activation(acc + (bias != nullptr ? float(bias[co]) : 0.f), relu);
     out[m * Cout + co] = E(v);
   }
+
+  struct RowOut {
+    E* out;       // the row's first output, at the group's first channel
+    const E* b;   // the group's bias, or null
+    bool inside;  // the output position lies inside the map (else its outputs are zeros)
+  };
+  CUTE_HOST_DEVICE RowOut row_out(int z, int64_t m) const {
+    int64_t nn, oy, ox;
+    position(m, nn, oy, ox);
+    return RowOut{out + m * Cout + z * Cog, bias != nullptr ? bias + z * Cog : nullptr, oy < Ho && ox < Wo};
+  }
+  CUTE_HOST_DEVICE void store_row(const RowOut& r, int, int n, float acc) const {
+    const float v = r.inside ? epilogue_activation(acc + (r.b != nullptr ? float(r.b[n]) : 0.f), relu) : 0.f;
+    r.out[n] = E(v);
+  }
 };
 
 // Builds the problem from prepared tensors and hands it to launch (the GPU kernel or the CPU emulation).

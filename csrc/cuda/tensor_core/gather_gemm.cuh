@@ -7,9 +7,11 @@
 // from Nsight Compute and the SASS: 250 registers a thread hold it at 2 blocks (8 warps) per SM, and
 // the warps are issue-bound, not tensor-bound -- a k-tile's 64 HMMAs come with ~390 instructions of
 // index math and predicates, and the epilogue spends ~110 instructions per accumulator (the store
-// redoes the row's position, with integer divisions, for each of its 128 values). Doing the row's
-// part once per row and stepping the loaders' gather state from k-tile to k-tile is the fix to come
-// (benchmarks/results/gpu.md).
+// redoes the row's position, with integer divisions, for each of its 128 values). With the
+// experimental switch on, the epilogue goes row by row instead (store_by_rows): a thread's 128
+// accumulators lie on 8 rows, so the row's part is done 8 times, not 128. EXPERIMENTAL: the CPU
+// emulation runs that same loop and passes, but it has not run on a GPU. Stepping the loaders' gather
+// state from k-tile to k-tile is the main loop's counterpart, still to come (benchmarks/results/gpu.md).
 //
 // Neither A nor B is materialised. A Problem (one per op, see the other files here) maps a row m
 // and a 16-byte k-vector kv (8 half/bf16 values, k = 8 kv .. 8 kv + 7) to a source address or to
@@ -28,11 +30,15 @@
 //   RowB row_b(z, n); KB k_b(z, kv); const Elem* b_src(RowB, KB)     (n < active_cols(z))
 //   const Elem* any_src();               a valid address for zero-filled loads (never read)
 //   void store(z, m, n, float acc)       m < rows(z), n < cols(z)
+//   RowOut row_out(z, m); void store_row(RowOut, z, n, float acc)    the same store, the row's part
+//                                        computed once (the row-by-row epilogue)
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/util/Exception.h>
 #include <cute/tensor.hpp>
+
+#include "../../tensor_core_switch.h"
 
 #include <cstdint>
 #include <limits>
@@ -108,11 +114,50 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// The (m, n) inside the block tile of each accumulator of thread tid. The C fragment of the
+// SM80 16x8x16 atoms is the same for float16 and bfloat16 (fp32 accumulators), so the emulation,
+// whose Problems hold float, uses the float16 layout too.
+CUTE_HOST_DEVICE auto tile_coords(int tid) {
+  using namespace cute;
+  typename GemmConfig<cute::half_t>::TiledMma mma;
+  return mma.get_slice(tid).partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
+}
+
+// Thread tid's accumulators of the tile at (m0, n0), row by row: the Problem's row part once
+// (row_out), then each of the row's columns (store_row). A fragment coordinate ((c, h), mi, ni) is
+// column pair element c, row half h, of atom (mi, ni): for fixed (h, mi) every c and ni share one
+// row. value(coord) is that accumulator. The CPU emulation runs this same loop with the dot products
+// as values, so a wrong grouping stores some row's values into another and fails its tests.
+template <class Problem, class Value>
+CUTE_HOST_DEVICE void store_by_rows(const Problem& p, int z, int64_t m0, int n0, int64_t rows, int cols, int tid,
+                                    const Value& value) {
+  using namespace cute;
+  const auto coords = tile_coords(tid);
+  CUTE_UNROLL
+  for (int mi = 0; mi < size<1>(coords); ++mi) {
+    CUTE_UNROLL
+    for (int h = 0; h < size<0, 1>(coords); ++h) {
+      const int64_t m = m0 + get<0>(coords(make_coord(make_coord(0, h), mi, 0)));
+      if (m >= rows) continue;
+      const auto row = p.row_out(z, m);
+      CUTE_UNROLL
+      for (int ni = 0; ni < size<2>(coords); ++ni) {
+        CUTE_UNROLL
+        for (int c = 0; c < size<0, 0>(coords); ++c) {
+          const auto at = make_coord(make_coord(c, h), mi, ni);
+          const int n = n0 + static_cast<int>(get<1>(coords(at)));
+          if (n < cols) p.store_row(row, z, n, value(at));
+        }
+      }
+    }
+  }
+}
+
 // Grid: x = (row tile, column tile) with the column tile fastest, z = batch (sample); the grid is
 // sized for the largest z, so blocks past a smaller z's rows or columns return at once.
 template <class Problem>
 __global__ void __launch_bounds__(kThreads)
-    gather_gemm_kernel(const Problem p, const int col_tiles) {
+    gather_gemm_kernel(const Problem p, const int col_tiles, const bool by_rows) {
   using namespace cute;
   using Elem = typename Problem::Elem;
   using Cfg = GemmConfig<Elem>;
@@ -218,6 +263,10 @@ __global__ void __launch_bounds__(kThreads)
     cp_async_wait<0>();
   }
 
+  if (by_rows) {  // experimental
+    store_by_rows(p, z, m0, n0, rows, cols, threadIdx.x, [&](const auto& at) { return acc(at); });
+    return;
+  }
   // Epilogue: the identity tensor gives each accumulator its (m, n) inside the tile.
   Tensor coords = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
   CUTE_UNROLL
@@ -243,15 +292,51 @@ void launch_gather_gemm(const Problem& p, int64_t max_rows, int64_t max_cols, in
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(Cfg::kSmemBytes)));
   kernel<<<dim3(static_cast<unsigned>(row_tiles * col_tiles), 1, static_cast<unsigned>(zs)), kThreads,
-           Cfg::kSmemBytes, stream>>>(p, static_cast<int>(col_tiles));
+           Cfg::kSmemBytes, stream>>>(p, static_cast<int>(col_tiles), experimental_kernels_enabled());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// One output of the GEMM on the host, as the kernel computes it: zero-filled vectors add nothing,
+// columns from active_cols on are zero.
+template <class Problem>
+float emulated_dot(const Problem& p, int z, int64_t m, int n) {
+  if (n >= p.active_cols(z)) return 0.f;
+  const auto ra = p.row_a(z, m);
+  const auto rb = p.row_b(z, n);
+  float acc = 0.f;
+  for (int kv = 0; kv < p.kvecs(z); ++kv) {
+    const auto* a = p.a_src(ra, p.k_a(z, kv));
+    const auto* b = p.b_src(rb, p.k_b(z, kv));
+    if (a == nullptr || b == nullptr) continue;
+    for (int e = 0; e < kVec; ++e) acc += float(a[e]) * float(b[e]);
+  }
+  return acc;
 }
 
 // The kernel's arithmetic, one output at a time on the host: the same Problem (instantiated with
 // Elem = float) decides every address, every zero and every store. Tests compare it with the
-// reference to validate the gather and epilogue index math without a GPU.
+// reference to validate the gather and epilogue index math without a GPU. With the experimental
+// switch on it stores through the row-by-row epilogue, walking the grid's tiles and every thread of
+// a block as the kernel does.
 template <class Problem>
 void emulate_gather_gemm(const Problem& p, int64_t zs) {
+  if (experimental_kernels_enabled()) {
+    for (int z = 0; z < zs; ++z) {
+      const int64_t rows = p.rows(z);
+      const int cols = p.cols(z);
+      for (int64_t m0 = 0; m0 < rows; m0 += kBM) {
+        for (int n0 = 0; n0 < cols; n0 += kBN) {
+          for (int tid = 0; tid < kThreads; ++tid) {
+            const auto coords = tile_coords(tid);
+            store_by_rows(p, z, m0, n0, rows, cols, tid, [&](const auto& at) {
+              return emulated_dot(p, z, m0 + cute::get<0>(coords(at)), n0 + static_cast<int>(cute::get<1>(coords(at))));
+            });
+          }
+        }
+      }
+    }
+    return;
+  }
   for (int z = 0; z < zs; ++z) {
     const int64_t rows = p.rows(z);
     const int cols = p.cols(z), active = p.active_cols(z), kvecs = p.kvecs(z);

@@ -79,6 +79,32 @@ struct MaskerProblem {
     *cell += value / area;  // the CPU emulation is serial
 #endif
   }
+
+  struct RowOut {
+    E* y;         // the row's features
+    float* cell;  // its mask cell's sum of masker channel 0
+    float area;   // the cell's pixel count
+  };
+  CUTE_HOST_DEVICE RowOut row_out(int, int64_t m) const {
+    const int64_t HW = g.H * g.W;
+    const int64_t img = m / HW, hw = m - img * HW;
+    const int64_t qy = (hw / g.W) / g.window, qx = (hw % g.W) / g.window;
+    return RowOut{y + m * g.Cout, &sums[img * sn + qy * sy + qx * sx],
+                  static_cast<float>(g.cell_rows(qy) * g.cell_cols(qx))};
+  }
+  CUTE_HOST_DEVICE void store_row(const RowOut& r, int, int n, float acc) const {
+    if (n < g.Cout) {
+      r.y[n] = E(epilogue_activation(acc + (bias != nullptr ? float(bias[n]) : 0.f), relu));
+      return;
+    }
+    const int64_t mc = n - g.Cout;
+    const float value = acc + (mask_bias != nullptr ? float(mask_bias[mc]) : 0.f);
+#if defined(__CUDA_ARCH__)
+    gpuAtomicAdd(r.cell + mc * sm, value / r.area);
+#else
+    r.cell[mc * sm] += value / r.area;
+#endif
+  }
 };
 
 // Weight then masker weight as one (Cout + M, Cin) matrix: a fresh tensor, 16-byte aligned rows.
