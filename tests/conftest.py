@@ -18,27 +18,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-@pytest.fixture
-def experimental():
-    """The experimental CUDA paths (not yet run on a GPU) on for the test; the switch restored after."""
+def _switched_on(switch):
+    """Turns on the off-by-default switch ``laudnet_ops.set_<switch>`` for a test, then restores it."""
     import laudnet_ops
 
     if laudnet_ops.extension_error is not None:
         pytest.skip("needs the compiled extension")
-    before = laudnet_ops.experimental_kernels_enabled()
-    laudnet_ops.set_experimental_kernels(True)
+    enabled, set_switch = getattr(laudnet_ops, f"{switch}_enabled"), getattr(laudnet_ops, f"set_{switch}")
+    before = enabled()
+    set_switch(True)
     yield
-    laudnet_ops.set_experimental_kernels(before)
+    set_switch(before)
+
+
+@pytest.fixture
+def experimental():
+    """The experimental CUDA paths (not yet run on a GPU) on for the test; the switch restored after."""
+    yield from _switched_on("experimental_kernels")
 
 
 @pytest.fixture
 def cudnn_composites():
     """Every CUDA convolution op call through its cuDNN composite for the test; the switch restored after."""
-    import laudnet_ops
-
-    if laudnet_ops.extension_error is not None:
-        pytest.skip("needs the compiled extension")
-    before = laudnet_ops.cudnn_composites_enabled()
-    laudnet_ops.set_cudnn_composites(True)
-    yield
-    laudnet_ops.set_cudnn_composites(before)
+    yield from _switched_on("cudnn_composites")
