@@ -201,7 +201,8 @@ def test_setup_compiles_tensor_core_kernels_only_with_cutlass():
 
 def test_gpu_check_fits_one_device_call():
     script = read("benchmarks/gpu_check.sh")
-    caps = [int(s) for s in re.findall(r"\bstep [\w-]+ (\d+) ", script)]
+    # (the build-only step is a device call of its own)
+    caps = [int(s) for s in re.findall(r"\bstep (?!build-only)[\w-]+ (\d+) ", script)]
     assert len(caps) >= 5
     assert sum(caps) <= 540, caps
     assert "LAUDNET_OPS_TENSOR_CORES=1" in script
