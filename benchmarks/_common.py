@@ -198,6 +198,18 @@ def configure_cpu(threads=None, clock: str = "auto") -> str:
     return f"{torch.get_num_threads()} threads, {clock} clock"
 
 
+def cuda_paths() -> str:
+    """Which CUDA paths the library's switches select, for a benchmark's header."""
+    import laudnet_ops
+
+    def on(flag):
+        return "on" if flag else "off"
+
+    return (f"tensor cores {on(laudnet_ops.tensor_cores_enabled())}, experimental paths "
+            f"{on(laudnet_ops.experimental_kernels_enabled())}, cuDNN composites "
+            f"{on(laudnet_ops.cudnn_composites_enabled())}")
+
+
 def time_ms(fn, min_run_time: float, device: str) -> float:
     """Median milliseconds per call of ``fn``, after a warm-up.
 

@@ -318,7 +318,8 @@ def main(argv=None):
         print("measuring: nothing (no CUDA device; add --measure cpu, or use --gpu host, to time this CPU's "
               "kernels in the same run)")
     else:
-        print(f"measuring: {C.machine_name(measure)}, batch {mbatch}, torch {torch.__version__}")
+        paths = f"; {C.cuda_paths()}" if measure == "cuda" else ""
+        print(f"measuring: {C.machine_name(measure)}, batch {mbatch}, torch {torch.__version__}{paths}")
 
     n_paths = sum(1 + (not args.no_unfused and m in C.UNFUSED_MODES) for m in args.modes if m != "dense")
     total = len(blocks) * (n_paths * len(args.rates) + (2 if measurer else 1))

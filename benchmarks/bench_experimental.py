@@ -250,7 +250,7 @@ def main():
     name = torch.cuda.get_device_name()
     gen = torch.Generator().manual_seed(0)
     print(f"device: {name}; batch {args.batch}, channels_last, rate {args.rate}, S = {args.patch_size}; "
-          f"tensor cores {'on' if laudnet_ops.tensor_cores_enabled() else 'off'}")
+          f"{C.cuda_paths()}; the experimental column turns the experimental paths on")
     print(f"{'case':<36}{'stage':<8}{'validated ms':>13}{'exp ms':>9}{'dense ms':>10}{'exp/val':>9}"
           f"{'exp/dense':>11}{'max diff':>10}")
     rows = []

@@ -100,8 +100,7 @@ def main(argv=None):
     measurer = C.Measurer("cuda", args.batch, args.dtype, 0.0)
     granularity = C.parse_granularity(args.granularity)
     print(f"device: {torch.cuda.get_device_name()}; batch {args.batch}, {args.dtype}, channels_last, rate "
-          f"{args.rate}; tensor cores {'on' if laudnet_ops.tensor_cores_enabled() else 'off'}, experimental "
-          f"{'on' if laudnet_ops.experimental_kernels_enabled() else 'off'}")
+          f"{args.rate}; {C.cuda_paths()}")
     for name in args.block:
         model, spec = C.find_block(name)
         for mode in args.modes.split(","):
