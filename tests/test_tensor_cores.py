@@ -634,19 +634,20 @@ def emulated(name):
 EXACT = dict(atol=1e-4, rtol=1e-4)  # float32 both sides, sums in a different order
 
 
-@pytest.fixture(params=["by_value", "by_row"])
-def epilogue(request):
-    """The emulated epilogue: the GPU-validated one (each value's store on its own), or with the
-    experimental switch on the row-by-row one, walking every tile and thread as the kernel does."""
+@pytest.fixture(params=["validated", "experimental"])
+def kernel_variant(request):
+    """The emulated kernel: the GPU-validated one (k state from each k index, each value's store on
+    its own), or with the experimental switch on the stepped k state and the row-by-row epilogue,
+    walking every tile, thread and loader column as the kernel does."""
     before = laudnet_ops.experimental_kernels_enabled()
-    laudnet_ops.set_experimental_kernels(request.param == "by_row")
+    laudnet_ops.set_experimental_kernels(request.param == "experimental")
     yield request.param
     laudnet_ops.set_experimental_kernels(before)
 
 
 @pytest.mark.parametrize("shape", GATHER_SHAPES, ids=lambda s: "N{}_C{}-{}_{}x{}_k{}_S{}_s{}_p{}_d{}".format(*s))
 @pytest.mark.parametrize("keep", [0.0, 0.5, 1.0])
-def test_emulated_gather_conv2d_index_math(epilogue, shape, keep):
+def test_emulated_gather_conv2d_index_math(kernel_variant, shape, keep):
     op = emulated("gather_conv2d")
     x, idx, w, b, conv = gather_case(shape, keep, torch.float32, seed=seed_of(shape, keep), device="cpu")
     x, w, b = x.float(), w.float(), b.float()
@@ -661,7 +662,7 @@ def test_emulated_gather_conv2d_index_math(epilogue, shape, keep):
 @pytest.mark.parametrize("shape", GROUPED_GATHER_SHAPES,
                          ids=lambda s: "N{}_C{}-{}_{}x{}_k{}_S{}_s{}_p{}_d{}_g{}".format(*s))
 @pytest.mark.parametrize("keep", [0.0, 0.5, 1.0])
-def test_emulated_grouped_gather_conv2d_index_math(epilogue, shape, keep):
+def test_emulated_grouped_gather_conv2d_index_math(kernel_variant, shape, keep):
     op = emulated("gather_conv2d")
     groups = shape[-1]
     x, idx, w, b, conv = gather_case(shape[:-1], keep, torch.float32, seed=seed_of(shape, keep), device="cpu")
@@ -674,7 +675,7 @@ def test_emulated_grouped_gather_conv2d_index_math(epilogue, shape, keep):
 
 
 @pytest.mark.parametrize("shape", MASKER_SHAPES, ids=lambda s: "N{}_C{}-{}_M{}_{}x{}_S{}_s{}".format(*s))
-def test_emulated_masker_conv1x1_index_math(epilogue, shape):
+def test_emulated_masker_conv1x1_index_math(kernel_variant, shape):
     op = emulated("masker_conv1x1")
     N, Cin, Cout, M, H, W, S, stride = shape
     gen = torch.Generator().manual_seed(seed_of(shape))
@@ -692,7 +693,7 @@ def test_emulated_masker_conv1x1_index_math(epilogue, shape):
 
 @pytest.mark.parametrize("shape", CHANNEL_SHAPES, ids=lambda s: "N{}_C{}-{}_{}x{}_k{}_s{}_p{}_d{}_G{}".format(*s))
 @pytest.mark.parametrize("gates", ["random", "all_on", "all_off", "none", "inputs_off"])
-def test_emulated_channel_gated_conv2d_index_math(epilogue, shape, gates):
+def test_emulated_channel_gated_conv2d_index_math(kernel_variant, shape, gates):
     op = emulated("channel_gated_conv2d")
     N, Cin, Cout, H, W, k, stride, padding, dilation, G = shape
     gen = torch.Generator().manual_seed(seed_of(shape, gates))
@@ -724,7 +725,7 @@ def channel_gates(kind, N, Cin, Cout, G, gen, device="cpu"):
 @pytest.mark.parametrize("shape", GROUPED_CHANNEL_SHAPES,
                          ids=lambda s: "N{}_C{}-{}_{}x{}_k{}_s{}_p{}_d{}_G{}_g{}".format(*s))
 @pytest.mark.parametrize("gates", ["random", "all_off", "none", "inputs_off"])
-def test_emulated_grouped_channel_gated_conv2d_index_math(epilogue, shape, gates):
+def test_emulated_grouped_channel_gated_conv2d_index_math(kernel_variant, shape, gates):
     op = emulated("channel_gated_conv2d")
     N, Cin, Cout, H, W, k, stride, padding, dilation, G, groups = shape
     gen = torch.Generator().manual_seed(seed_of(shape, gates))
@@ -741,7 +742,7 @@ def test_emulated_grouped_channel_gated_conv2d_index_math(epilogue, shape, gates
 
 @pytest.mark.parametrize("shape", SCATTER_SHAPES, ids=lambda s: "N{}_C{}-{}_{}x{}_S{}".format(*s))
 @pytest.mark.parametrize("keep", [0.0, 0.5, 1.0])
-def test_emulated_conv1x1_scatter_add_index_math(epilogue, shape, keep):
+def test_emulated_conv1x1_scatter_add_index_math(kernel_variant, shape, keep):
     op = emulated("conv1x1_scatter_add_")
     N, Cin, Cout, Ho, Wo, S = shape
     gen = torch.Generator().manual_seed(seed_of(shape, keep))

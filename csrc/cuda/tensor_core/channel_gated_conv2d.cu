@@ -109,6 +109,7 @@ struct ChannelConvProblem {
   struct KA {
     int dy, dx, tap_c;  // tap_c = tap * Cg + (c - the group's first channel): the offset in a weight row
     int c;              // the input channel
+    int tap, kx, j;     // the tap, its column, the position in the pair's list of active input vectors
   };
   struct RowB {
     const E* w;
@@ -129,9 +130,28 @@ struct ChannelConvProblem {
   // Only called with kvecs(z) > 0, so the group has an active input vector.
   CUTE_HOST_DEVICE KA k_a(int z, int kv) const {
     const int nin = in_count[z];
-    const int tap = kv / nin;
-    const int c = in_list[static_cast<int64_t>(z) * (Cg / kVec) + (kv - tap * nin)];
-    return KA{(tap / KW) * DH, (tap % KW) * DW, tap * Cg + c - (z % groups) * Cg, c};
+    const int tap = kv / nin, j = kv - tap * nin;
+    const int c = in_list[static_cast<int64_t>(z) * (Cg / kVec) + j];
+    return KA{(tap / KW) * DH, (tap % KW) * DW, tap * Cg + c - (z % groups) * Cg, c, tap, tap % KW, j};
+  }
+  // kVecsPerRow vectors on: the next active input vectors, wrapping into the next taps. Only called
+  // while the state names a k vector that exists, so the list has an entry (nin >= 1).
+  CUTE_HOST_DEVICE void step_k_a(int z, KA& k) const {
+    const int nin = in_count[z];
+    k.j += kVecsPerRow;
+    while (k.j >= nin) {
+      k.j -= nin;
+      ++k.tap;
+      if (++k.kx == KW) {
+        k.kx = 0;
+        k.dx = 0;
+        k.dy += DH;
+      } else {
+        k.dx += DW;
+      }
+    }
+    k.c = in_list[static_cast<int64_t>(z) * (Cg / kVec) + k.j];
+    k.tap_c = k.tap * Cg + k.c - (z % groups) * Cg;
   }
   CUTE_HOST_DEVICE const E* a_src(const RowA& r, const KA& k) const {
     const int iy = r.iy0 + k.dy, ix = r.ix0 + k.dx;
@@ -142,6 +162,7 @@ struct ChannelConvProblem {
     return RowB{w + static_cast<int64_t>(out_list[static_cast<int64_t>(z) * Cog + n]) * KH * KW * Cg};
   }
   CUTE_HOST_DEVICE KB k_b(int z, int kv) const { return k_a(z, kv); }
+  CUTE_HOST_DEVICE void step_k_b(int z, KB& k) const { step_k_a(z, k); }
   CUTE_HOST_DEVICE const E* b_src(const RowB& r, const KB& k) const { return r.w + k.tap_c; }
 
   CUTE_HOST_DEVICE void store(int z, int64_t m, int n, float acc) const {

@@ -47,6 +47,7 @@ struct GatherConvProblem {
   };
   struct KA {
     int dy, dx, c;
+    int kx;  // the tap's column, for stepping
   };
   struct RowB {
     const E* w;
@@ -79,7 +80,21 @@ struct GatherConvProblem {
   CUTE_HOST_DEVICE KA k_a(int z, int kv) const {
     const int cvecs = Cg / kVec;
     const int tap = kv / cvecs;
-    return KA{(tap / K) * dilation, (tap % K) * dilation, z * Cg + (kv - tap * cvecs) * kVec};
+    return KA{(tap / K) * dilation, (tap % K) * dilation, z * Cg + (kv - tap * cvecs) * kVec, tap % K};
+  }
+  // kVecsPerRow vectors on: the group's next channels, wrapping into the next taps.
+  CUTE_HOST_DEVICE void step_k_a(int z, KA& k) const {
+    k.c += kVecsPerRow * kVec;
+    while (k.c >= (z + 1) * Cg) {
+      k.c -= Cg;
+      if (++k.kx == K) {
+        k.kx = 0;
+        k.dx = 0;
+        k.dy += dilation;
+      } else {
+        k.dx += dilation;
+      }
+    }
   }
   CUTE_HOST_DEVICE const E* a_src(const RowA& r, const KA& k) const {
     const int iy = r.iy0 + k.dy, ix = r.ix0 + k.dx;
@@ -90,6 +105,7 @@ struct GatherConvProblem {
     return RowB{w + static_cast<int64_t>(z * Cog + n) * K * K * Cg};
   }
   CUTE_HOST_DEVICE KB k_b(int, int kv) const { return KB{kv * kVec}; }
+  CUTE_HOST_DEVICE void step_k_b(int, KB& k) const { k.offset += kVecsPerRow * kVec; }
   CUTE_HOST_DEVICE const E* b_src(const RowB& r, const KB& k) const { return r.w + k.offset; }
 
   CUTE_HOST_DEVICE void store(int z, int64_t m, int n, float acc) const {

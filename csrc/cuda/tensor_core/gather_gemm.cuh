@@ -9,9 +9,10 @@
 // index math and predicates, and the epilogue spends ~110 instructions per accumulator (the store
 // redoes the row's position, with integer divisions, for each of its 128 values). With the
 // experimental switch on, the epilogue goes row by row instead (store_by_rows): a thread's 128
-// accumulators lie on 8 rows, so the row's part is done 8 times, not 128. EXPERIMENTAL: the CPU
-// emulation runs that same loop and passes, but it has not run on a GPU. Stepping the loaders' gather
-// state from k-tile to k-tile is the main loop's counterpart, still to come (benchmarks/results/gpu.md).
+// accumulators lie on 8 rows, so the row's part is done 8 times, not 128; and each thread's k state
+// (tap, channel, list position) steps from k-tile to k-tile (step_k_a / step_k_b) instead of being
+// divided out of the k index again. EXPERIMENTAL: the CPU emulation runs both the same way and
+// passes, but they have not run on a GPU (benchmarks/results/gpu.md).
 //
 // Neither A nor B is materialised. A Problem (one per op, see the other files here) maps a row m
 // and a 16-byte k-vector kv (8 half/bf16 values, k = 8 kv .. 8 kv + 7) to a source address or to
@@ -32,6 +33,9 @@
 //   void store(z, m, n, float acc)       m < rows(z), n < cols(z)
 //   RowOut row_out(z, m); void store_row(RowOut, z, n, float acc)    the same store, the row's part
 //                                        computed once (the row-by-row epilogue)
+//   void step_k_a(z, KA&); void step_k_b(z, KB&)    k_a(z, kv) -> k_a(z, kv + kVecsPerRow), without
+//                                        reading past the Problem's tensors (stepping past the end
+//                                        is allowed; such a state is never used)
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -157,7 +161,7 @@ CUTE_HOST_DEVICE void store_by_rows(const Problem& p, int z, int64_t m0, int n0,
 // sized for the largest z, so blocks past a smaller z's rows or columns return at once.
 template <class Problem>
 __global__ void __launch_bounds__(kThreads)
-    gather_gemm_kernel(const Problem p, const int col_tiles, const bool by_rows) {
+    gather_gemm_kernel(const Problem p, const int col_tiles, const bool experimental) {
   using namespace cute;
   using Elem = typename Problem::Elem;
   using Cfg = GemmConfig<Elem>;
@@ -206,12 +210,24 @@ __global__ void __launch_bounds__(kThreads)
     const Elem* zero_src = p.any_src();
     const int kvecs = p.kvecs(z);
     const int k_tiles = (kvecs + kVecsPerRow - 1) / kVecsPerRow;
+    // Experimental: this thread's k state, stepped once per stage load (the loads come in k-tile
+    // order). k_a / k_b may only be asked for a k vector that exists.
+    typename Problem::KA ka_next{};
+    typename Problem::KB kb_next{};
+    if (kvecs > 0) {
+      ka_next = p.k_a(z, vcol < kvecs ? vcol : 0);
+      kb_next = p.k_b(z, vcol < kvecs ? vcol : 0);
+    }
 
     auto load_stage = [&](int k_tile, int stage) {
       const int kv = k_tile * kVecsPerRow + vcol;
       const bool kv_ok = kv < kvecs;
-      const auto ka = p.k_a(z, kv_ok ? kv : 0);
-      const auto kb = p.k_b(z, kv_ok ? kv : 0);
+      const auto ka = experimental ? ka_next : p.k_a(z, kv_ok ? kv : 0);
+      const auto kb = experimental ? kb_next : p.k_b(z, kv_ok ? kv : 0);
+      if (experimental && kv_ok) {
+        p.step_k_a(z, ka_next);
+        p.step_k_b(z, kb_next);
+      }
       CUTE_UNROLL
       for (int i = 0; i < kPassesA; ++i) {
         const Elem* src = kv_ok && row_a_ok[i] ? p.a_src(row_a[i], ka) : nullptr;
@@ -263,7 +279,7 @@ __global__ void __launch_bounds__(kThreads)
     cp_async_wait<0>();
   }
 
-  if (by_rows) {  // experimental
+  if (experimental) {
     store_by_rows(p, z, m0, n0, rows, cols, threadIdx.x, [&](const auto& at) { return acc(at); });
     return;
   }
@@ -296,19 +312,27 @@ void launch_gather_gemm(const Problem& p, int64_t max_rows, int64_t max_cols, in
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// One output of the GEMM on the host, as the kernel computes it: zero-filled vectors add nothing,
-// columns from active_cols on are zero.
+// One output of the GEMM on the host, as the experimental kernel computes it: each of a row's
+// kVecsPerRow loader threads starts at its own k vector and steps its k state from there;
+// zero-filled vectors add nothing, columns from active_cols on are zero.
 template <class Problem>
 float emulated_dot(const Problem& p, int z, int64_t m, int n) {
   if (n >= p.active_cols(z)) return 0.f;
   const auto ra = p.row_a(z, m);
   const auto rb = p.row_b(z, n);
+  const int kvecs = p.kvecs(z);
   float acc = 0.f;
-  for (int kv = 0; kv < p.kvecs(z); ++kv) {
-    const auto* a = p.a_src(ra, p.k_a(z, kv));
-    const auto* b = p.b_src(rb, p.k_b(z, kv));
-    if (a == nullptr || b == nullptr) continue;
-    for (int e = 0; e < kVec; ++e) acc += float(a[e]) * float(b[e]);
+  for (int vcol = 0; vcol < kVecsPerRow && vcol < kvecs; ++vcol) {
+    auto ka = p.k_a(z, vcol);
+    auto kb = p.k_b(z, vcol);
+    for (int kv = vcol; kv < kvecs; kv += kVecsPerRow) {
+      const auto* a = p.a_src(ra, ka);
+      const auto* b = p.b_src(rb, kb);
+      p.step_k_a(z, ka);
+      p.step_k_b(z, kb);
+      if (a == nullptr || b == nullptr) continue;
+      for (int e = 0; e < kVec; ++e) acc += float(a[e]) * float(b[e]);
+    }
   }
   return acc;
 }
@@ -316,8 +340,8 @@ float emulated_dot(const Problem& p, int z, int64_t m, int n) {
 // The kernel's arithmetic, one output at a time on the host: the same Problem (instantiated with
 // Elem = float) decides every address, every zero and every store. Tests compare it with the
 // reference to validate the gather and epilogue index math without a GPU. With the experimental
-// switch on it stores through the row-by-row epilogue, walking the grid's tiles and every thread of
-// a block as the kernel does.
+// switch on it steps the k state and stores through the row-by-row epilogue, walking the grid's
+// tiles and every thread of a block as the kernel does.
 template <class Problem>
 void emulate_gather_gemm(const Problem& p, int64_t zs) {
   if (experimental_kernels_enabled()) {

@@ -60,6 +60,8 @@ struct MaskerProblem {
   CUTE_HOST_DEVICE const E* a_src(const RowA& r, const KA& k) const { return r.x + k.offset; }
   CUTE_HOST_DEVICE RowB row_b(int, int n) const { return RowB{w + static_cast<int64_t>(n) * g.Cin}; }
   CUTE_HOST_DEVICE KB k_b(int, int kv) const { return KB{kv * kVec}; }
+  CUTE_HOST_DEVICE void step_k_a(int, KA& k) const { k.offset += kVecsPerRow * kVec; }
+  CUTE_HOST_DEVICE void step_k_b(int, KB& k) const { k.offset += kVecsPerRow * kVec; }
   CUTE_HOST_DEVICE const E* b_src(const RowB& r, const KB& k) const { return r.x + k.offset; }
 
   CUTE_HOST_DEVICE void store(int, int64_t m, int n, float acc) const {
