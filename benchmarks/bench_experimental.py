@@ -109,21 +109,17 @@ def gather_inputs(N, side, width, groups, dtype, args, gen):
     return x, patch_indices(N, side, args, gen), w, b
 
 
-def gather_case(N, side, width, args, gen, dtype=torch.float32, group_width=None):
+def gather_case(N, side, width, args, gen, dtype=torch.float32, group_width=None, composite=False):
     groups = width // group_width if group_width else 1
     x, idx, w, b = gather_inputs(N, side, width, groups, dtype, args, gen)
     wcl = cl(w)
-    return Case(lambda: laudnet_ops.gather_conv2d(x, idx, w, b, args.patch_size, 1, 1, groups=groups),
-                lambda: F.conv2d(x, wcl, b, 1, 1, groups=groups))
-
-
-def gather_tiles_fp16_case(N, side, width, args, gen):
-    x, idx, w, b = gather_inputs(N, side, width, 1, torch.float16, args, gen)
-    wcl = cl(w)
     S = args.patch_size
-    return Case(lambda: laudnet_ops.gather_conv2d(x, idx, w, b, S, 1, 1),
-                lambda: F.conv2d(x, wcl, b, 1, 1),
-                functools.partial(torch.ops.laudnet_ops._gather_conv2d_by_tiles, x, idx, w, b, S, 1, 1, 1, 1, "relu"))
+    candidate = None
+    if composite:
+        candidate = functools.partial(torch.ops.laudnet_ops._gather_conv2d_by_tiles, x, idx, w, b, S, 1, 1, 1, groups,
+                                      "relu")
+    return Case(lambda: laudnet_ops.gather_conv2d(x, idx, w, b, S, 1, 1, groups=groups),
+                lambda: F.conv2d(x, wcl, b, 1, 1, groups=groups), candidate)
 
 
 def grouped_channel_case(N, side, width, args, gen):
@@ -218,7 +214,7 @@ CASES = {
     "conv1x1_scatter_add float32": conv1x1_scatter_add_case,
     "sample_gather fp16": sample_gather_case,
     "sample_scatter_add fp16": sample_scatter_add_case,
-    "gather_conv2d fp16 tiles": gather_tiles_fp16_case,
+    "gather_conv2d fp16 tiles": functools.partial(gather_case, dtype=torch.float16, composite=True),
     "channel_gated_conv2d fp16 pairs": functools.partial(channel_case, dtype=torch.float16, G=16, composite=True),
     "masker_conv1x1 fp16 cudnn": functools.partial(masker_case, dtype=torch.float16, composite=True),
     "conv1x1_scatter_add fp16 cudnn": functools.partial(conv1x1_scatter_add_case, dtype=torch.float16,

@@ -142,13 +142,7 @@ struct ChannelConvProblem {
     while (k.j >= nin) {
       k.j -= nin;
       ++k.tap;
-      if (++k.kx == KW) {
-        k.kx = 0;
-        k.dx = 0;
-        k.dy += DH;
-      } else {
-        k.dx += DW;
-      }
+      next_tap(k.kx, k.dx, k.dy, KW, DW, DH);
     }
     k.c = in_list[static_cast<int64_t>(z) * (Cg / kVec) + k.j];
     k.tap_c = k.tap * Cg + k.c - (z % groups) * Cg;
@@ -164,13 +158,6 @@ struct ChannelConvProblem {
   CUTE_HOST_DEVICE KB k_b(int z, int kv) const { return k_a(z, kv); }
   CUTE_HOST_DEVICE void step_k_b(int z, KB& k) const { step_k_a(z, k); }
   CUTE_HOST_DEVICE const E* b_src(const RowB& r, const KB& k) const { return r.w + k.tap_c; }
-
-  CUTE_HOST_DEVICE void store(int z, int64_t m, int n, float acc) const {
-    const int co = out_list[static_cast<int64_t>(z) * Cog + n];
-    float v = 0.f;
-    if (n < out_count[z]) v = epilogue_activation(acc + (bias != nullptr ? float(bias[co]) : 0.f), relu);
-    y[(static_cast<int64_t>(z / groups) * Ho * Wo + m) * Cout + co] = E(v);
-  }
 
   struct RowOut {
     E* y;  // the row's output pixel

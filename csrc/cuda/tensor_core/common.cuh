@@ -65,6 +65,18 @@ CUTE_HOST_DEVICE float epilogue_activation(float v, bool relu) {
   return relu && v < 0.f ? 0.f : v;  // keeps NaN, like torch.relu
 }
 
+// The next tap of a KW-wide kernel, row-major: its column kx and its offsets (dx, dy) from tap 0,
+// with (step_x, step_y) the dilation. The loaders' k stepping wraps into it.
+CUTE_HOST_DEVICE void next_tap(int& kx, int& dx, int& dy, int KW, int step_x, int step_y) {
+  if (++kx == KW) {
+    kx = 0;
+    dx = 0;
+    dy += step_y;
+  } else {
+    dx += step_x;
+  }
+}
+
 // The CPU emulation ops take float32 tensors on the CPU only.
 inline void check_emulation_input(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, op,

@@ -59,16 +59,6 @@ struct Conv1x1ScatterProblem {
   CUTE_HOST_DEVICE void step_k_b(int, KB& k) const { k.offset += kVecsPerRow * kVec; }
   CUTE_HOST_DEVICE const E* b_src(const RowB& r, const KB& k) const { return r.x + k.offset; }
 
-  CUTE_HOST_DEVICE void store(int, int64_t m, int n, float acc) const {
-    const int64_t p = m / (S * S);
-    const int r = static_cast<int>(m - p * S * S);
-    const int64_t oy = static_cast<int64_t>(idx[3 * p + 1]) * S + r / S;
-    const int64_t ox = static_cast<int64_t>(idx[3 * p + 2]) * S + r % S;
-    if (oy >= Ho || ox >= Wo) return;  // the part of a border patch outside the map
-    E* o = out + ((idx[3 * p] * Ho + oy) * Wo + ox) * Cout + n;
-    *o = E(epilogue_activation(float(*o) + acc + (bias != nullptr ? float(bias[n]) : 0.f), relu));
-  }
-
   struct RowOut {
     E* o;  // the row's output pixel, or null for the part of a border patch outside the map
   };

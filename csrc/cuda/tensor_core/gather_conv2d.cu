@@ -87,13 +87,7 @@ struct GatherConvProblem {
     k.c += kVecsPerRow * kVec;
     while (k.c >= (z + 1) * Cg) {
       k.c -= Cg;
-      if (++k.kx == K) {
-        k.kx = 0;
-        k.dx = 0;
-        k.dy += dilation;
-      } else {
-        k.dx += dilation;
-      }
+      next_tap(k.kx, k.dx, k.dy, K, dilation, dilation);
     }
   }
   CUTE_HOST_DEVICE const E* a_src(const RowA& r, const KA& k) const {
@@ -107,15 +101,6 @@ struct GatherConvProblem {
   CUTE_HOST_DEVICE KB k_b(int, int kv) const { return KB{kv * kVec}; }
   CUTE_HOST_DEVICE void step_k_b(int, KB& k) const { k.offset += kVecsPerRow * kVec; }
   CUTE_HOST_DEVICE const E* b_src(const RowB& r, const KB& k) const { return r.w + k.offset; }
-
-  CUTE_HOST_DEVICE void store(int z, int64_t m, int n, float acc) const {
-    int64_t nn, oy, ox;
-    position(m, nn, oy, ox);
-    const int co = z * Cog + n;
-    float v = 0.f;
-    if (oy < Ho && ox < Wo) v = epilogue_activation(acc + (bias != nullptr ? float(bias[co]) : 0.f), relu);
-    out[m * Cout + co] = E(v);
-  }
 
   struct RowOut {
     E* out;       // the row's first output, at the group's first channel

@@ -30,9 +30,9 @@
 //   RowA row_a(z, m); KA k_a(z, kv); const Elem* a_src(RowA, KA)     (m < rows(z) guaranteed)
 //   RowB row_b(z, n); KB k_b(z, kv); const Elem* b_src(RowB, KB)     (n < active_cols(z))
 //   const Elem* any_src();               a valid address for zero-filled loads (never read)
-//   void store(z, m, n, float acc)       m < rows(z), n < cols(z)
-//   RowOut row_out(z, m); void store_row(RowOut, z, n, float acc)    the same store, the row's part
-//                                        computed once (the row-by-row epilogue)
+//   RowOut row_out(z, m); void store_row(RowOut, z, n, float acc)    m < rows(z), n < cols(z): the
+//                                        store of one value, its row's part (position, cell) apart
+//                                        so that the row-by-row epilogue does it once per row
 //   void step_k_a(z, KA&); void step_k_b(z, KB&)    k_a(z, kv) -> k_a(z, kv + kVecsPerRow), without
 //                                        reading past the Problem's tensors (stepping past the end
 //                                        is allowed; such a state is never used)
@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < size(acc); ++i) {
     const int64_t m = m0 + get<0>(coords(i));
     const int n = n0 + get<1>(coords(i));
-    if (m < rows && n < cols) p.store(z, m, n, acc(i));
+    if (m < rows && n < cols) p.store_row(p.row_out(z, m), z, n, acc(i));
   }
 }
 
@@ -366,6 +366,7 @@ void emulate_gather_gemm(const Problem& p, int64_t zs) {
     const int cols = p.cols(z), active = p.active_cols(z), kvecs = p.kvecs(z);
     for (int64_t m = 0; m < rows; ++m) {
       const auto ra = p.row_a(z, m);
+      const auto out = p.row_out(z, m);
       for (int n = 0; n < cols; ++n) {
         float acc = 0.f;
         if (n < active) {
@@ -377,7 +378,7 @@ void emulate_gather_gemm(const Problem& p, int64_t zs) {
             for (int e = 0; e < kVec; ++e) acc += float(a[e]) * float(b[e]);
           }
         }
-        p.store(z, m, n, acc);
+        p.store_row(out, z, n, acc);
       }
     }
   }

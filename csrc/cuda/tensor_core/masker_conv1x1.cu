@@ -64,24 +64,6 @@ struct MaskerProblem {
   CUTE_HOST_DEVICE void step_k_b(int, KB& k) const { k.offset += kVecsPerRow * kVec; }
   CUTE_HOST_DEVICE const E* b_src(const RowB& r, const KB& k) const { return r.x + k.offset; }
 
-  CUTE_HOST_DEVICE void store(int, int64_t m, int n, float acc) const {
-    if (n < g.Cout) {
-      y[m * g.Cout + n] = E(epilogue_activation(acc + (bias != nullptr ? float(bias[n]) : 0.f), relu));
-      return;
-    }
-    const int64_t mc = n - g.Cout, HW = g.H * g.W;
-    const int64_t img = m / HW, hw = m - img * HW;
-    const int64_t qy = (hw / g.W) / g.window, qx = (hw % g.W) / g.window;
-    const float value = acc + (mask_bias != nullptr ? float(mask_bias[mc]) : 0.f);
-    const float area = static_cast<float>(g.cell_rows(qy) * g.cell_cols(qx));
-    float* cell = &sums[img * sn + mc * sm + qy * sy + qx * sx];
-#if defined(__CUDA_ARCH__)
-    gpuAtomicAdd(cell, value / area);
-#else
-    *cell += value / area;  // the CPU emulation is serial
-#endif
-  }
-
   struct RowOut {
     E* y;         // the row's features
     float* cell;  // its mask cell's sum of masker channel 0
